@@ -1,0 +1,130 @@
+"""POST /v1/chat/completions: parse, route, call the provider, relay or answer.
+
+Streaming goes through `proxy.relay.Relay`; non-streaming calls race the provider against the
+client's disconnect, so a client that leaves cancels the upstream request either way.
+Usage is always requested from the provider (accounting needs it) and shown to the client only
+when it asked with `stream_options.include_usage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+
+import orjson
+import trio
+
+from .chat_request import ChatRequest, parse_chat_request
+from .errors import GatewayError
+from .providers import ProviderAdapter, WireRequest
+from .relay import Receive, Relay, Send
+from .sse import DONE, encode_event
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("proxy.chat")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def update(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens") or self.prompt_tokens
+            self.completion_tokens = usage.get("completion_tokens") or self.completion_tokens
+
+
+async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) -> None:
+    from .app import ClientGone, send_json
+
+    request = parse_chat_request(body)
+    target = gateway.router.pick(request.model)
+    adapter = gateway.adapters[target.deployment.provider]
+    wire = adapter.chat_request(request, target.model)
+    started = time.perf_counter()
+    usage = Usage()
+    if request.stream:
+        await _stream(gateway, request, adapter, wire, usage, receive, send, started)
+        return
+    raw = await _until_disconnect(receive, lambda: gateway.upstream.request(adapter, wire))
+    if raw is None:
+        _log(request, adapter, "client_disconnected", usage, started)
+        raise ClientGone()
+    completion = adapter.parse_completion(raw)
+    usage.update(completion.get("usage"))
+    await send_json(send, 200, completion)
+    _log(request, adapter, "ok", usage, started)
+
+
+async def _stream(gateway: "Gateway", request: ChatRequest, adapter: ProviderAdapter, wire: WireRequest,
+                  usage: Usage, receive: Receive, send: Send, started: float) -> None:
+    server = gateway.config.server
+
+    async def produce(channel: trio.MemorySendChannel) -> None:
+        async with gateway.upstream.stream(adapter, wire) as body:
+            parser = adapter.stream_parser(server.max_event_bytes)
+            while data := await body.next():
+                for chunk in parser.feed(data):
+                    await _forward(chunk, request, usage, channel)
+            for chunk in parser.close():
+                await _forward(chunk, request, usage, channel)
+        await channel.send(DONE)
+
+    relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
+                  keepalive_interval=server.keepalive_interval)
+    gateway.relays.add(relay)
+    try:
+        await relay.run(produce)
+    finally:
+        gateway.relays.discard(relay)
+        outcome = ("client_disconnected" if relay.disconnected else
+                   "client_stalled" if relay.stalled else
+                   f"error:{relay.failure.code or relay.failure.type}" if relay.failure else "ok")
+        _log(request, adapter, outcome, usage, started, relay.bytes_written)
+
+
+async def _forward(chunk: dict[str, Any], request: ChatRequest, usage: Usage,
+                   channel: trio.MemorySendChannel) -> None:
+    if "usage" in chunk:
+        usage.update(chunk["usage"])
+        if not request.include_usage:
+            if not chunk.get("choices"):
+                return  # the usage-only chunk we asked for on our own behalf
+            del chunk["usage"]
+    await channel.send(encode_event(orjson.dumps(chunk)))
+
+
+async def _until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T | None:
+    """Run `call` unless the client disconnects first (then cancel it and return None)."""
+    result: T | None = None
+    error: GatewayError | None = None
+
+    async def watch(scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        try:
+            result = await call()
+        except GatewayError as e:
+            error = e
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
+
+
+def _log(request: ChatRequest, adapter: ProviderAdapter, outcome: str, usage: Usage,
+         started: float, bytes_out: int | None = None) -> None:
+    log.info("chat model=%s provider=%s stream=%s outcome=%s prompt_tokens=%d completion_tokens=%d "
+             "bytes_out=%s ms=%.1f", request.model, adapter.name, request.stream, outcome,
+             usage.prompt_tokens, usage.completion_tokens, bytes_out if bytes_out is not None else "-",
+             (time.perf_counter() - started) * 1000)

@@ -1,0 +1,64 @@
+"""The canonical chat request: an OpenAI Chat Completions body, checked once at the edge.
+
+The gateway's canonical shape *is* the OpenAI wire shape (the most widely spoken one); adapters
+translate from it. Validation here is structural — what the gateway itself relies on — and leaves
+provider-specific fields alone so new OpenAI parameters pass through without a release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import InvalidRequest
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    stream: bool
+    include_usage: bool  # the client asked for the usage chunk (stream_options.include_usage)
+    body: dict[str, Any]  # the whole validated body, forwarded with the model replaced
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidRequest(message, param=param)
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    _check(isinstance(body, dict), "request body must be a JSON object", "body")
+    model = body.get("model")
+    _check(isinstance(model, str) and model != "", "'model' must be a non-empty string", "model")
+    messages = body.get("messages")
+    _check(isinstance(messages, list) and len(messages) > 0,
+           "'messages' must be a non-empty array", "messages")
+    for i, m in enumerate(messages):
+        _check(isinstance(m, dict), f"messages[{i}] must be an object", f"messages[{i}]")
+        _check(m.get("role") in ROLES, f"messages[{i}].role must be one of {sorted(ROLES)}",
+               f"messages[{i}].role")
+        content = m.get("content")
+        _check(content is None or isinstance(content, (str, list)),
+               f"messages[{i}].content must be a string, an array of parts or null",
+               f"messages[{i}].content")
+    stream = body.get("stream", False)
+    _check(isinstance(stream, bool), "'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    _check(options is None or isinstance(options, dict), "'stream_options' must be an object",
+           "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    _check(not (options and not stream), "'stream_options' is only allowed with 'stream': true",
+           "stream_options")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(key)
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+               f"'{key}' must be a positive integer", key)
+    return ChatRequest(model=model, stream=stream, include_usage=include_usage, body=body)

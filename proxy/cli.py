@@ -1,0 +1,102 @@
+"""Command line: `llm-gateway serve --config PATH | --demo`, `llm-gateway fake-provider --port P`.
+
+Thin on purpose: parse arguments, load config (failing before any port is bound), run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from functools import partial
+
+import trio
+
+from .config import Config, ConfigError, ModelRoute, Deployment, ProviderConfig, ServerConfig, load_config
+
+DEMO_KEY_HINT = "no key needed in demo mode"
+
+
+def demo_config(provider_port: int, host: str, port: int) -> Config:
+    """The embedded default: every model name goes to the built-in fake provider."""
+    return Config(
+        server=ServerConfig(host=host, port=port),
+        providers={"fake": ProviderConfig(name="fake", kind="openai",
+                                          base_url=f"http://127.0.0.1:{provider_port}/v1")},
+        models=(ModelRoute(name="*", deployments=(Deployment(provider="fake", model=""),)),),
+    )
+
+
+async def _run_demo(host: str, port: int) -> None:
+    from .fake_provider import FakeProvider, FakeSettings
+    from .server import serve
+
+    fake = FakeProvider(FakeSettings(ttft=0.2, itl=0.05, tokens=40))
+    async with trio.open_nursery() as nursery:
+        provider_port = await nursery.start(fake.serve)
+        config = demo_config(provider_port, host, port)
+        # The demo has no master key whatever the environment says: it is a local toy.
+        from .app import Gateway
+        gateway = Gateway(config, environ={})
+        binds = await nursery.start(partial(serve, config, gateway))
+        url = binds[0]
+        print(f"gateway (demo) on {url}, fake provider on http://127.0.0.1:{provider_port}/v1 "
+              f"({DEMO_KEY_HINT}). Try:\n"
+              f"  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
+              "-d '{\"model\": \"demo\", \"stream\": true, "
+              "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'", flush=True)
+        await trio.sleep_forever()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    if args.demo:
+        try:
+            trio.run(_run_demo, args.host or "127.0.0.1", args.port if args.port is not None else 8080)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    try:
+        config = load_config(args.config)
+        if args.host or args.port is not None:
+            from dataclasses import replace
+            config = replace(config, server=replace(
+                config.server, host=args.host or config.server.host,
+                port=args.port if args.port is not None else config.server.port))
+        from .app import Gateway
+        gateway = Gateway(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, config, gateway))
+            auth = "master key required" if gateway.auth_enabled else "no master key set: open access"
+            print(f"gateway on {', '.join(binds)} ({auth})", flush=True)
+
+    trio.run(main)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    mode = serve.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--config", metavar="PATH", help="TOML config file")
+    mode.add_argument("--demo", action="store_true", help="no config, no keys: built-in fake provider")
+    serve.add_argument("--host", default=None, help="override [server] host")
+    serve.add_argument("--port", type=int, default=None, help="override [server] port")
+    sub.add_parser("fake-provider", help="run the fake OpenAI-compatible provider alone", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "fake-provider":
+        from .fake_provider import main as fake_main
+        return fake_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _serve(args)

@@ -1,0 +1,147 @@
+"""The gateway's one error tree.
+
+Every failure a client can see is a `GatewayError`. Each class knows its HTTP status and its
+OpenAI-style error `type`/`code`; `to_body()` renders the JSON the client gets, and the same body
+becomes an SSE error event once a stream has started. Foreign exceptions (httpx, h11, OS) are
+translated into this tree once, at the boundary that meets them (`proxy/upstream.py`).
+
+    GatewayError                      500 api_error
+    ├── ConfigError                   (not an HTTP error: raised at start, names key/value/expected)
+    ├── InvalidRequest                400 invalid_request_error
+    ├── AuthenticationFailed          401 invalid_api_key
+    ├── NotFound                      404 not_found
+    │   └── ModelNotFound             404 model_not_found
+    ├── MethodNotAllowed              405
+    ├── PayloadTooLarge               413
+    ├── UpstreamError                 502 upstream_error (provider 5xx, connect failure, bad stream)
+    │   ├── UpstreamStatusError       provider's own 4xx/5xx passed through with its status
+    │   │   └── UpstreamRateLimited   429 passed through with its Retry-After
+    │   └── UpstreamTimeout           504 (connect, first byte or read took too long)
+    ├── ClientStalled                 (a write to the client stayed pending past write_timeout)
+    └── ShuttingDown                  503 (the drain timeout ended the stream)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers this error carries (e.g. Retry-After)."""
+        return []
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(GatewayError):
+    def __init__(self, key: str, value: object, expected: str):
+        super().__init__(f"config: {key} = {value!r}: expected {expected}")
+        self.key = key
+        self.value = value
+        self.expected = expected
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str):
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", self.allow.encode())]
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The provider answered with an error status; the client sees that status and message."""
+
+    def __init__(self, message: str, *, status: int, type: str | None = None,
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message, param=param, code=code)
+        # A provider 5xx is our 502: the client's request was fine, the hop behind us failed.
+        self.status = status if status < 500 else 502
+        self.upstream_status = status
+        if type:
+            self.type = type
+
+
+class UpstreamRateLimited(UpstreamStatusError):
+    def __init__(self, message: str, *, retry_after: str | None, **kw: Any):
+        super().__init__(message, status=429, **kw)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", self.retry_after.encode("latin-1"))]
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"
+
+
+class ClientStalled(GatewayError):
+    code = "client_stalled"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "server_shutting_down"

@@ -1,0 +1,115 @@
+"""OpenAI Chat Completions (and any server that speaks it): the identity translation.
+
+The canonical shape is OpenAI's, so requests pass through with the deployment's model name and
+the provider's key; streams are parsed only as far as the gateway needs (errors, the end marker,
+usage). Rules: the client's own Authorization never goes upstream; for streams we always ask the
+provider for usage (accounting needs it) and `proxy/chat.py` hides that chunk from clients who did
+not ask for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import orjson
+
+from ..chat_request import ChatRequest
+from ..config import ProviderConfig
+from ..errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
+from ..sse import SSEDecoder, SSEError
+from . import WireRequest
+
+
+class OpenAIAdapter:
+    def __init__(self, config: ProviderConfig, api_key: str | None):
+        self.name = config.name
+        self._url = config.base_url + "/chat/completions"
+        self._headers = [("content-type", "application/json"), ("accept", "application/json")]
+        if api_key:
+            self._headers.append(("authorization", f"Bearer {api_key}"))
+
+    def chat_request(self, request: ChatRequest, model: str) -> WireRequest:
+        body = dict(request.body, model=model)
+        if request.stream:
+            body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
+        return WireRequest("POST", self._url, self._headers, orjson.dumps(body))
+
+    def stream_parser(self, max_event_bytes: int) -> "OpenAIStreamParser":
+        return OpenAIStreamParser(self.name, max_event_bytes)
+
+    def parse_completion(self, body: bytes) -> dict[str, Any]:
+        try:
+            completion = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
+        if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+            raise UpstreamError(f"provider {self.name} returned a response without choices")
+        return completion
+
+    def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
+        return error_from_body(self.name, status, headers.get("retry-after"), body)
+
+
+def error_from_body(provider: str, status: int, retry_after: str | None, body: bytes) -> GatewayError:
+    """A provider error status becomes ours; its OpenAI-style message is kept when it has one."""
+    message, type_, code, param = f"provider {provider} returned HTTP {status}", None, None, None
+    try:
+        err = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        err = None
+    if isinstance(err, dict):
+        if isinstance(err.get("message"), str):
+            message = f"provider {provider}: {err['message']}"
+        type_ = err.get("type") if isinstance(err.get("type"), str) else None
+        code = err.get("code") if isinstance(err.get("code"), str) else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    if status == 429:
+        return UpstreamRateLimited(message, retry_after=retry_after, type=type_ or "rate_limit_error",
+                                   code=code or "rate_limit_exceeded", param=param)
+    if status >= 500:
+        return UpstreamStatusError(message, status=status, type="api_error", code="upstream_error")
+    return UpstreamStatusError(message, status=status, type=type_, code=code, param=param)
+
+
+class OpenAIStreamParser:
+    def __init__(self, provider: str, max_event_bytes: int):
+        self._provider = provider
+        self._sse = SSEDecoder(max_event_bytes)
+        self._done = False
+        self._finished = False  # a choice carried finish_reason
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        try:
+            return self._chunks(self._sse.feed(data))
+        except SSEError as e:
+            raise UpstreamError(f"provider {self._provider}: {e}") from None
+
+    def close(self) -> list[dict[str, Any]]:
+        chunks = self._chunks(self._sse.close())
+        # Some compatible servers omit [DONE] after a finished choice; a stream with neither was cut.
+        if not (self._done or self._finished):
+            raise UpstreamError(f"provider {self._provider} ended the stream before it was complete")
+        return chunks
+
+    def _chunks(self, events: list) -> list[dict[str, Any]]:
+        chunks = []
+        for event in events:
+            if self._done:
+                continue
+            if event.data == b"[DONE]":
+                self._done = True
+                continue
+            try:
+                chunk = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                raise UpstreamError(f"provider {self._provider} sent an event that is not JSON") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamError(f"provider {self._provider} sent an event that is not an object")
+            if "error" in chunk or event.event == "error":
+                err = chunk.get("error") if isinstance(chunk.get("error"), dict) else {}
+                raise UpstreamError(f"provider {self._provider}: {err.get('message', 'stream error')}")
+            for choice in chunk.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self._finished = True
+            chunks.append(chunk)
+        return chunks

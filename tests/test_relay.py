@@ -1,0 +1,257 @@
+"""The relay alone, with in-memory ASGI send/receive and the autojump clock: exact times."""
+
+import math
+
+import orjson
+import pytest
+import trio
+
+from proxy.errors import ShuttingDown, UpstreamError
+from proxy.relay import KEEPALIVE, Relay
+from proxy.sse import DONE, encode_event
+
+
+class FakeClient:
+    """ASGI send/receive of one client. `gate` closed = the client is not reading (writes block).
+
+    Writes block inside a shielded scope, exactly like hypercorn's socket writes.
+    """
+
+    def __init__(self):
+        self.messages = []
+        self.write_times = []
+        self.gate = trio.Event()
+        self.gate.set()
+        self.blocked_since = None
+        self._inbox_send, self._inbox = trio.open_memory_channel(1)
+
+    async def send(self, message):
+        self.write_times.append(trio.current_time())
+        with trio.CancelScope(shield=True):
+            if not self.gate.is_set():
+                self.blocked_since = trio.current_time()
+            await self.gate.wait()
+        self.messages.append(message)
+
+    async def receive(self):
+        return await self._inbox.receive()
+
+    async def disconnect(self):
+        await self._inbox_send.send({"type": "http.disconnect"})
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+
+    @property
+    def body_sends(self):
+        return [m for m in self.messages if m["type"] == "http.response.body"]
+
+
+def make_relay(client, **kw):
+    options = dict(write_timeout=10.0, buffer=4, keepalive_interval=15.0)
+    options.update(kw)
+    return Relay(client.send, client.receive, **options)
+
+
+def event(i: int) -> bytes:
+    return encode_event(orjson.dumps({"i": i}))
+
+
+async def test_events_relayed_in_order_then_done(autojump_clock):
+    client = FakeClient()
+
+    async def produce(channel):
+        for i in range(3):
+            await channel.send(event(i))
+            await trio.sleep(1)
+        await channel.send(DONE)
+
+    relay = make_relay(client)
+    await relay.run(produce)
+    start = client.messages[0]
+    assert start["status"] == 200
+    headers = dict(start["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-cache"
+    assert headers[b"x-accel-buffering"] == b"no"
+    assert client.body == event(0) + event(1) + event(2) + DONE
+    assert client.body_sends[-1]["more_body"] is False
+    assert relay.failure is None and not relay.stalled and not relay.disconnected
+
+
+async def test_each_event_is_flushed_when_it_arrives(autojump_clock):
+    client = FakeClient()
+
+    async def produce(channel):
+        for i in range(3):
+            await trio.sleep(2)
+            await channel.send(event(i))
+
+    await make_relay(client).run(produce)
+    # headers + one body write per event at t=2,4,6, then the end-of-body write
+    assert client.write_times[1:4] == [2.0, 4.0, 6.0]
+
+
+async def test_queued_events_are_coalesced_into_one_write():
+    client = FakeClient()
+    client.gate = trio.Event()  # not reading yet
+
+    async def produce(channel):
+        for i in range(9):
+            await channel.send(event(i))
+
+    async with trio.open_nursery() as nursery:
+        relay = make_relay(client, buffer=16)
+        nursery.start_soon(relay.run, produce)
+        await trio.testing.wait_all_tasks_blocked()
+        client.gate.set()
+    assert client.body == b"".join(event(i) for i in range(9))
+    assert len(client.body_sends) < 9
+
+
+async def test_slow_client_bounds_what_the_producer_can_read(autojump_clock):
+    client = FakeClient()
+    client.gate = trio.Event()
+    produced = 0
+
+    async def produce(channel):
+        nonlocal produced
+        for i in range(1000):
+            await channel.send(event(i))
+            produced += 1
+
+    relay = make_relay(client, buffer=4, write_timeout=math.inf)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run, produce)
+        await trio.sleep(100)
+        # one batch in the blocked write (<= buffer) + a full channel: nothing more was read
+        assert produced <= 2 * 4 + 1
+        client.gate.set()
+    assert produced == 1000
+    assert client.body == b"".join(event(i) for i in range(1000))
+
+
+async def test_stalled_write_cancels_the_producer_at_the_deadline(autojump_clock):
+    client = FakeClient()
+    cancelled_at = None
+
+    async def produce(channel):
+        nonlocal cancelled_at
+        try:
+            await channel.send(event(0))
+            await trio.sleep(3)
+            client.gate = trio.Event()  # the client stops reading at t=3
+            for i in range(1, 100):
+                await channel.send(event(i))
+                await trio.sleep(0.1)
+        except trio.Cancelled:
+            cancelled_at = trio.current_time()
+            raise
+
+    relay = make_relay(client, write_timeout=10.0)
+
+    async def release_after_upstream_is_gone():
+        while cancelled_at is None:
+            await trio.sleep(1)
+        await trio.sleep(50)  # the kernel ends the shielded write much later (TCP_USER_TIMEOUT)
+        client.gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_after_upstream_is_gone)
+        await relay.run(produce)
+    # the blocked write began at t=3.0 (first event after the stall); upstream released at +10 s
+    assert client.blocked_since == pytest.approx(3.0)
+    assert cancelled_at == pytest.approx(13.0)
+    assert relay.stalled
+    assert DONE not in client.body
+
+
+async def test_client_disconnect_cancels_the_producer_at_once(autojump_clock):
+    client = FakeClient()
+    cancelled_at = None
+
+    async def produce(channel):
+        nonlocal cancelled_at
+        try:
+            for i in range(100):
+                await channel.send(event(i))
+                await trio.sleep(1)
+        except trio.Cancelled:
+            cancelled_at = trio.current_time()
+            raise
+
+    async def leave():
+        await trio.sleep(5.5)
+        await client.disconnect()
+
+    relay = make_relay(client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leave)
+        await relay.run(produce)
+    assert cancelled_at == 5.5
+    assert relay.disconnected and relay.failure is None
+
+
+async def test_upstream_failure_mid_stream_is_an_error_event_without_done():
+    client = FakeClient()
+
+    async def produce(channel):
+        await channel.send(event(0))
+        await channel.send(event(1))
+        raise UpstreamError("provider p: connection failed (RemoteProtocolError)")
+
+    relay = make_relay(client)
+    await relay.run(produce)
+    body = client.body
+    assert body.startswith(event(0) + event(1))
+    assert b"[DONE]" not in body
+    error = orjson.loads(body[len(event(0) + event(1)):].removeprefix(b"data: ").strip())
+    assert error["error"]["code"] == "upstream_error"
+    assert "connection failed" in error["error"]["message"]
+    assert client.body_sends[-1]["more_body"] is False
+    assert isinstance(relay.failure, UpstreamError)
+
+
+async def test_upstream_failure_before_any_byte_is_raised_for_a_proper_status():
+    client = FakeClient()
+
+    async def produce(channel):
+        raise UpstreamError("provider p: could not connect")
+
+    with pytest.raises(UpstreamError):
+        await make_relay(client).run(produce)
+    assert client.messages == []
+
+
+async def test_keepalive_comments_while_waiting_for_a_slow_first_token(autojump_clock):
+    client = FakeClient()
+
+    async def produce(channel):
+        await trio.sleep(40)
+        await channel.send(event(0))
+        await channel.send(DONE)
+
+    await make_relay(client, keepalive_interval=15.0).run(produce)
+    assert client.body == KEEPALIVE + KEEPALIVE + event(0) + DONE
+    assert client.write_times[1:3] == [15.0, 30.0]
+
+
+async def test_abort_ends_the_stream_with_the_given_error(autojump_clock):
+    client = FakeClient()
+    relay = make_relay(client)
+
+    async def produce(channel):
+        await channel.send(event(0))
+        await trio.sleep_forever()
+
+    async def shut_down():
+        await trio.sleep(2)
+        relay.abort(ShuttingDown("the gateway is shutting down"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shut_down)
+        await relay.run(produce)
+    assert client.body.startswith(event(0))
+    assert b"server_shutting_down" in client.body
+    assert b"[DONE]" not in client.body

@@ -38,14 +38,17 @@ async def _run_demo(host: str, port: int) -> None:
         # The demo has no master key whatever the environment says: it is a local toy.
         from .app import Gateway
         gateway = Gateway(config, environ={})
-        binds = await nursery.start(partial(serve, config, gateway))
-        url = binds[0]
+
+        async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await serve(config, gateway, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the gateway drained and stopped: stop the provider too
+
+        url = (await nursery.start(serve_then_stop))[0]
         print(f"gateway (demo) on {url}, fake provider on http://127.0.0.1:{provider_port}/v1 "
               f"({DEMO_KEY_HINT}). Try:\n"
               f"  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
               "-d '{\"model\": \"demo\", \"stream\": true, "
               "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'", flush=True)
-        await trio.sleep_forever()
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import socket
 from typing import Awaitable, Callable
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig, Sockets
 from hypercorn.trio import worker_serve
 
@@ -84,7 +85,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_stop, stop, shutdown_trigger)
         binds = await nursery.start(lambda task_status: worker_serve(
-            gateway, hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
+            ASGIWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
         task_status.started(binds)
         await stop.wait()
         gateway.draining = True

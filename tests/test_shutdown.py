@@ -1,0 +1,75 @@
+"""Shutdown: stop accepting, let open streams finish up to the drain timeout, then end them."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+import trio
+
+from .conftest import chat_body, parse_sse
+
+
+async def stream_until_first_token(http, gw, body):
+    """Start a stream; return (response context, the bytes read so far) once content flows."""
+    request = http.build_request("POST", gw.v1 + "/chat/completions", json=body)
+    response = await http.send(request, stream=True)
+    received = b""
+    chunks = response.aiter_raw()
+    while b'"content":"' not in received.replace(b'"content":""', b""):
+        received += await chunks.__anext__()
+    return response, chunks, received
+
+
+async def drain(chunks, received: bytes) -> bytes:
+    async for part in chunks:
+        received += part
+    return received
+
+
+async def test_open_streams_finish_during_drain_and_new_connections_are_refused(start_gateway, http):
+    gw = await start_gateway(server={"drain_timeout": 30.0})
+    body = chat_body('fake: {"tokens": 10, "itl": 0.05}', stream=True)
+    with trio.fail_after(20):
+        response, chunks, received = await stream_until_first_token(http, gw, body)
+        gw.stop.set()
+        while not gw.gateway.draining:
+            await trio.sleep(0.01)
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient() as fresh:
+                await fresh.get(gw.url + "/healthz")
+        received = await drain(chunks, received)
+    await response.aclose()
+    events = parse_sse(received)
+    assert events[-1] == b"[DONE]" and len(events) == 1 + 10 + 1 + 1  # role, tokens, finish, DONE
+
+
+async def test_streams_still_open_at_the_drain_timeout_end_with_an_error_event(start_gateway, http):
+    gw = await start_gateway(server={"drain_timeout": 0.2})
+    body = chat_body('fake: {"tokens": 100000, "itl": 0.05}', stream=True)
+    with trio.fail_after(20):
+        response, chunks, received = await stream_until_first_token(http, gw, body)
+        gw.stop.set()
+        received = await drain(chunks, received)
+    await response.aclose()
+    assert b"server_shutting_down" in received
+    assert b"[DONE]" not in received
+
+
+def test_sigterm_drains_and_exits_cleanly():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--demo", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert "gateway (demo) on http://127.0.0.1:" in line, line + process.stderr.read()
+        url = line.split(" on ", 1)[1].split(",", 1)[0]
+        response = httpx.post(url + "/v1/chat/completions", json=chat_body(stream=True), timeout=30)
+        assert parse_sse(response.content)[-1] == b"[DONE]"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()

@@ -18,7 +18,7 @@ import trio
 
 from .chat_request import ChatRequest, parse_chat_request
 from .errors import GatewayError
-from .providers import ProviderAdapter, WireRequest
+from .providers import Chunk, ProviderAdapter, WireRequest
 from .relay import Receive, Relay, Send
 from .sse import DONE, encode_event
 
@@ -67,13 +67,18 @@ async def _stream(gateway: "Gateway", request: ChatRequest, adapter: ProviderAda
     server = gateway.config.server
 
     async def produce(channel: trio.MemorySendChannel) -> None:
+        # One channel item per upstream read: the events of one read travel together.
         async with gateway.upstream.stream(adapter, wire) as body:
             parser = adapter.stream_parser(server.max_event_bytes)
-            while data := await body.next():
-                for chunk in parser.feed(data):
-                    await _forward(chunk, request, usage, channel)
-            for chunk in parser.close():
-                await _forward(chunk, request, usage, channel)
+            while True:
+                data = await body.next()
+                chunks = parser.feed(data) if data else parser.close()
+                if chunks and (out := _encode(chunks, request, usage)):
+                    await channel.send(out)
+                if parser.failed is not None:
+                    raise parser.failed
+                if not data:
+                    break
         await channel.send(DONE)
 
     relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
@@ -89,15 +94,23 @@ async def _stream(gateway: "Gateway", request: ChatRequest, adapter: ProviderAda
         _log(request, adapter, outcome, usage, started, relay.bytes_written)
 
 
-async def _forward(chunk: dict[str, Any], request: ChatRequest, usage: Usage,
-                   channel: trio.MemorySendChannel) -> None:
-    if "usage" in chunk:
-        usage.update(chunk["usage"])
-        if not request.include_usage:
-            if not chunk.get("choices"):
-                return  # the usage-only chunk we asked for on our own behalf
-            del chunk["usage"]
-    await channel.send(encode_event(orjson.dumps(chunk)))
+def _encode(chunks: list[Chunk], request: ChatRequest, usage: Usage) -> bytes:
+    """Canonical chunks -> SSE bytes for the client, taking usage out on the way."""
+    parts = []
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            if b'"usage"' not in chunk or b'"usage":null' in chunk:
+                parts.append(encode_event(chunk))  # the common case: forwarded as written
+                continue
+            chunk = orjson.loads(chunk)
+        if "usage" in chunk:
+            usage.update(chunk["usage"])
+            if not request.include_usage:
+                if not chunk.get("choices"):
+                    continue  # the usage-only chunk we asked for on our own behalf
+                del chunk["usage"]
+        parts.append(encode_event(orjson.dumps(chunk)))
+    return b"".join(parts)
 
 
 async def _until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T | None:

@@ -126,12 +126,10 @@ class Relay:
     async def _write(self, channel: trio.MemoryReceiveChannel) -> None:
         async with channel:
             while True:
-                item: bytes | Failure | None = None
-                with trio.move_on_after(self._keepalive):
-                    try:
-                        item = await channel.receive()
-                    except trio.EndOfChannel:
-                        break
+                try:
+                    item = await self._next(channel)
+                except trio.EndOfChannel:
+                    break
                 if item is None:  # nothing arrived for keepalive_interval
                     await self._out(KEEPALIVE)
                     continue
@@ -142,6 +140,16 @@ class Relay:
                     await self._fail(failure.error)
                     return
         await self._out(b"", more_body=False)
+
+    async def _next(self, channel: trio.MemoryReceiveChannel) -> bytes | Failure | None:
+        """The next item, or None after keepalive_interval without one."""
+        try:
+            return channel.receive_nowait()  # busy stream: no timer needed
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self._keepalive):
+            return await channel.receive()
+        return None
 
     @staticmethod
     def _coalesce(item: bytes | Failure, channel: trio.MemoryReceiveChannel

@@ -1,9 +1,10 @@
 """The one module that talks to providers over the network (httpx, HTTP/1.1).
 
 Rules, each from a measured failure (see PLATFORM-NOTES):
-- No httpx pool cap: httpcore leaks pool slots when a task is cancelled while waiting for one
-  (encode/httpcore#1093), which wedges the pool. Concurrency is bounded per provider by a
-  `trio.CapacityLimiter` instead, which is exact under cancellation.
+- Not httpcore's connection pool: it scans every connection on every request (CPU grows with
+  open streams) and leaks slots under cancellation when capped (encode/httpcore#1093). Our
+  `LifoPoolTransport` (proxy/http_pool.py) is O(1) and uncapped; concurrency is bounded per
+  provider by a `trio.CapacityLimiter`, which is exact under cancellation.
 - HTTP/1.1 only: over HTTP/2 httpcore sends no RST_STREAM on cancel, so an abandoned stream keeps
   generating (and billing) upstream. Over HTTP/1.1 a cancelled read closes the socket at once.
 - Timeouts are ours, not httpx's read timeout: `first_byte_timeout` covers sending the request
@@ -20,41 +21,45 @@ import httpx
 import trio
 
 from .config import ProviderConfig
+from .http_pool import LifoPoolTransport
 from .errors import UpstreamError, UpstreamTimeout
 from .providers import ProviderAdapter, WireRequest
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of a provider's error body we read to relay its message
 
 
+def _translate(error: Exception, provider: str) -> Exception:
+    """A foreign exception as our error; anything unexpected is returned unchanged."""
+    if isinstance(error, trio.TooSlowError):
+        return UpstreamTimeout(f"provider {provider} timed out")
+    if isinstance(error, httpx.ConnectTimeout):
+        return UpstreamTimeout(f"provider {provider}: connect timed out")
+    if isinstance(error, httpx.TimeoutException):
+        return UpstreamTimeout(f"provider {provider} timed out")
+    if isinstance(error, httpx.ConnectError):
+        return UpstreamError(f"provider {provider}: could not connect")
+    if isinstance(error, (httpx.TransportError, httpx.StreamError)):
+        return UpstreamError(f"provider {provider}: connection failed ({type(error).__name__})")
+    return error
+
+
+FOREIGN = (trio.TooSlowError, httpx.TransportError, httpx.StreamError)
+
+
 @contextlib.contextmanager
 def _map_exceptions(provider: str) -> Iterator[None]:
     try:
         yield
-    except trio.TooSlowError:
-        raise UpstreamTimeout(f"provider {provider} timed out") from None
-    except httpx.ConnectTimeout:
-        raise UpstreamTimeout(f"provider {provider}: connect timed out") from None
-    except httpx.TimeoutException:
-        raise UpstreamTimeout(f"provider {provider} timed out") from None
-    except httpx.ConnectError:
-        raise UpstreamError(f"provider {provider}: could not connect") from None
-    except (httpx.TransportError, httpx.StreamError) as e:
-        raise UpstreamError(f"provider {provider}: connection failed ({type(e).__name__})") from None
+    except FOREIGN as e:
+        raise _translate(e, provider) from None
 
 
 class Upstream:
     def __init__(self, providers: dict[str, ProviderConfig]):
         self._configs = providers
         self._limiters = {name: trio.CapacityLimiter(p.max_concurrency) for name, p in providers.items()}
-        self._client = httpx.AsyncClient(
-            http1=True,
-            http2=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None,
-                                keepalive_expiry=30.0),
-            timeout=httpx.Timeout(None, connect=min(p.connect_timeout for p in providers.values())
-                                  if providers else 5.0),
-            follow_redirects=False,
-        )
+        self.transport = LifoPoolTransport(keepalive_expiry=30.0)
+        self._client = httpx.AsyncClient(transport=self.transport, follow_redirects=False)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -62,10 +67,10 @@ class Upstream:
     def in_flight(self, provider: str) -> int:
         return self._limiters[provider].borrowed_tokens
 
-    def _build(self, wire: WireRequest, config: ProviderConfig) -> httpx.Request:
+    def _build(self, wire: WireRequest, config: ProviderConfig, read_timeout: float) -> httpx.Request:
         return self._client.build_request(
             wire.method, wire.url, headers=wire.headers, content=wire.body,
-            extensions={"timeout": {"connect": config.connect_timeout, "read": None,
+            extensions={"timeout": {"connect": config.connect_timeout, "read": read_timeout,
                                     "write": config.read_timeout, "pool": None}},
         )
 
@@ -77,16 +82,20 @@ class Upstream:
         proper HTTP status. Leaving the block (normally or by cancellation) closes the socket.
         """
         config = self._configs[adapter.name]
+        # httpcore reads the timeout extension when it starts reading headers and again when it
+        # starts reading the body: the same dict, changed in between, gives the first byte
+        # (headers) `first_byte_timeout` and every body read `read_timeout`, with no extra
+        # cancel scope per read on our side. tests/test_errors.py covers both timeouts.
+        request = self._build(wire, config, config.first_byte_timeout)
         async with self._limiters[adapter.name]:
             with _map_exceptions(adapter.name):
-                first_deadline = trio.current_time() + config.first_byte_timeout
-                with trio.fail_at(first_deadline):
-                    response = await self._client.send(self._build(wire, config), stream=True)
+                response = await self._client.send(request, stream=True)
+                request.extensions["timeout"]["read"] = config.read_timeout
                 try:
                     if response.status_code >= 400:
                         body = await _read_capped(response, config.read_timeout)
                         raise adapter.parse_error(response.status_code, response.headers, body)
-                    yield Body(response, config, first_deadline)
+                    yield Body(response, adapter.name)
                 finally:
                     with trio.CancelScope(shield=True):  # closing must not be skipped by cancellation
                         await response.aclose()
@@ -97,7 +106,7 @@ class Upstream:
         async with self._limiters[adapter.name]:
             with _map_exceptions(adapter.name):
                 with trio.fail_after(config.first_byte_timeout + config.read_timeout):
-                    response = await self._client.send(self._build(wire, config))
+                    response = await self._client.send(self._build(wire, config, config.read_timeout))
         if response.status_code >= 400:
             raise adapter.parse_error(response.status_code, response.headers,
                                       response.content[:MAX_ERROR_BODY])
@@ -117,22 +126,16 @@ async def _read_capped(response: httpx.Response, timeout: float) -> bytes:
 class Body:
     """A streaming response body. `next()` returns the next bytes, or b"" at the clean end.
 
-    The first bytes must arrive by the deadline set when the request was sent (first-byte
-    timeout); each later read gets `read_timeout`. A plain class rather than an async generator:
-    no yield inside a cancel scope, nothing left for the garbage collector to finalize.
+    A plain class rather than an async generator: no yield inside a cancel scope, nothing left
+    for the garbage collector to finalize. The per-read timeout is httpcore's (see `stream`).
     """
 
-    def __init__(self, response: httpx.Response, config: ProviderConfig, first_deadline: float):
-        self._chunks = response.aiter_raw()
-        self._config = config
-        self._deadline = first_deadline
+    def __init__(self, response: httpx.Response, provider: str):
+        self._read = response.extensions["lifo_stream"].read_raw  # see proxy/http_pool.py
+        self._provider = provider
 
     async def next(self) -> bytes:
-        with _map_exceptions(self._config.name):
-            with trio.fail_at(self._deadline):
-                try:
-                    chunk = await self._chunks.__anext__()
-                except StopAsyncIteration:
-                    return b""
-        self._deadline = trio.current_time() + self._config.read_timeout
-        return chunk
+        try:
+            return await self._read()
+        except FOREIGN as e:  # inline rather than a context manager: this is the per-token path
+            raise _translate(e, self._provider) from None

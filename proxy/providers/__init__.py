@@ -24,13 +24,25 @@ class WireRequest:
     body: bytes
 
 
+# A canonical stream chunk: an OpenAI chat.completion.chunk, either as a dict or, when the
+# provider already wrote that shape, as its raw JSON bytes (forwarded without a JSON round trip).
+Chunk = bytes | dict[str, Any]
+
+
 class StreamParser(Protocol):
-    """Sans-IO: provider stream bytes in, canonical (OpenAI chunk-shaped) dicts out."""
+    """Sans-IO: provider stream bytes in, canonical chunks out.
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]: ...
+    On a provider error (an error event, a malformed or oversized event, a cut stream) the
+    parser returns the chunks that came before it and sets `failed`; the caller relays those
+    first and then raises `failed`, so nothing the provider sent is lost.
+    """
 
-    def close(self) -> list[dict[str, Any]]:
-        """The provider closed the body cleanly; raise UpstreamError if the stream was cut short."""
+    failed: GatewayError | None
+
+    def feed(self, data: bytes) -> list[Chunk]: ...
+
+    def close(self) -> list[Chunk]:
+        """The provider closed the body cleanly; sets `failed` if the stream was cut short."""
         ...
 
 

@@ -72,44 +72,59 @@ def error_from_body(provider: str, status: int, retry_after: str | None, body: b
 
 
 class OpenAIStreamParser:
+    """OpenAI SSE -> canonical chunks, as raw JSON bytes (the canonical shape already).
+
+    Hot path: a chunk is parsed only when a cheap byte check says it may carry an error; the
+    rest are forwarded as the provider wrote them (no JSON round trip per token).
+    """
+
     def __init__(self, provider: str, max_event_bytes: int):
         self._provider = provider
         self._sse = SSEDecoder(max_event_bytes)
         self._done = False
         self._finished = False  # a choice carried finish_reason
+        self.failed: GatewayError | None = None
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[bytes]:
         try:
             return self._chunks(self._sse.feed(data))
         except SSEError as e:
-            raise UpstreamError(f"provider {self._provider}: {e}") from None
+            self.failed = UpstreamError(f"provider {self._provider}: {e}")
+            return []
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[bytes]:
         chunks = self._chunks(self._sse.close())
         # Some compatible servers omit [DONE] after a finished choice; a stream with neither was cut.
-        if not (self._done or self._finished):
-            raise UpstreamError(f"provider {self._provider} ended the stream before it was complete")
+        if self.failed is None and not (self._done or self._finished):
+            self.failed = UpstreamError(f"provider {self._provider} ended the stream before it was complete")
         return chunks
 
-    def _chunks(self, events: list) -> list[dict[str, Any]]:
+    def _chunks(self, events: list) -> list[bytes]:
         chunks = []
         for event in events:
-            if self._done:
-                continue
-            if event.data == b"[DONE]":
+            if self._done or self.failed is not None:
+                break
+            data = event.data
+            if data == b"[DONE]":
                 self._done = True
-                continue
-            try:
-                chunk = orjson.loads(event.data)
-            except orjson.JSONDecodeError:
-                raise UpstreamError(f"provider {self._provider} sent an event that is not JSON") from None
-            if not isinstance(chunk, dict):
-                raise UpstreamError(f"provider {self._provider} sent an event that is not an object")
-            if "error" in chunk or event.event == "error":
-                err = chunk.get("error") if isinstance(chunk.get("error"), dict) else {}
-                raise UpstreamError(f"provider {self._provider}: {err.get('message', 'stream error')}")
-            for choice in chunk.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("finish_reason"):
+            elif (event.event == "error" or b'"error"' in data or not data.startswith(b"{")) \
+                    and (error := self._error(data)) is not None:
+                self.failed = error
+            else:
+                if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
                     self._finished = True
-            chunks.append(chunk)
+                chunks.append(data)
         return chunks
+
+    def _error(self, data: bytes) -> GatewayError | None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return UpstreamError(f"provider {self._provider} sent an event that is not JSON")
+        if not isinstance(chunk, dict):
+            return UpstreamError(f"provider {self._provider} sent an event that is not an object")
+        err = chunk.get("error")
+        if err is None:
+            return None  # '"error"' appeared inside content: a normal chunk after all
+        message = err.get("message") if isinstance(err, dict) else str(err)
+        return UpstreamError(f"provider {self._provider}: {message or 'stream error'}")

@@ -12,7 +12,9 @@ from functools import partial
 
 import trio
 
-from .config import Config, ConfigError, ModelRoute, Deployment, ProviderConfig, ServerConfig, load_config
+from .app import Gateway
+from .config import (Config, ConfigError, Deployment, ModelRoute, ProviderConfig, ServerConfig,
+                     load_config, with_server_overrides)
 
 DEMO_KEY_HINT = "no key needed in demo mode"
 
@@ -36,7 +38,6 @@ async def _run_demo(host: str, port: int) -> None:
         provider_port = await nursery.start(fake.serve)
         config = demo_config(provider_port, host, port)
         # The demo has no master key whatever the environment says: it is a local toy.
-        from .app import Gateway
         gateway = Gateway(config, environ={})
 
         async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -52,7 +53,7 @@ async def _run_demo(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server import run
 
     if args.demo:
         try:
@@ -62,25 +63,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     try:
         config = load_config(args.config)
-        if args.host or args.port is not None:
-            from dataclasses import replace
-            config = replace(config, server=replace(
-                config.server, host=args.host or config.server.host,
-                port=args.port if args.port is not None else config.server.port))
-        from .app import Gateway
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers))
+                     if v is not None}
+        if overrides:
+            config = with_server_overrides(config, overrides)
         gateway = Gateway(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, config, gateway))
-            auth = "master key required" if gateway.auth_enabled else "no master key set: open access"
-            print(f"gateway on {', '.join(binds)} ({auth})", flush=True)
-
-    trio.run(main)
-    return 0
+    return run(config, gateway)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--demo", action="store_true", help="no config, no keys: built-in fake provider")
     serve.add_argument("--host", default=None, help="override [server] host")
     serve.add_argument("--port", type=int, default=None, help="override [server] port")
+    serve.add_argument("--workers", type=int, default=None, help="override [server] workers")
     sub.add_parser("fake-provider", help="run the fake OpenAI-compatible provider alone", add_help=False)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -12,7 +12,7 @@ import fnmatch
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .errors import ConfigError
@@ -35,6 +35,8 @@ class ServerConfig:
     max_event_bytes: int = 1024 * 1024
     # On SIGTERM/SIGINT: open streams may finish for this long, then they are cancelled.
     drain_timeout: float = 30.0
+    # Processes sharing the listening socket (each a trio loop); 1 = no fork.
+    workers: int = 1
     certfile: str | None = None
     keyfile: str | None = None
 
@@ -169,6 +171,7 @@ _SERVER_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "keepalive_interval": _positive,
     "max_event_bytes": lambda k, v: _number(k, v, minimum=1024, integer=True),
     "drain_timeout": lambda k, v: _number(k, v, minimum=0),
+    "workers": lambda k, v: _number(k, v, minimum=1, integer=True),
     "certfile": _path,
     "keyfile": _path,
 }
@@ -238,6 +241,12 @@ def parse_config(raw: dict[str, Any]) -> Config:
     if not models:
         raise ConfigError("models", {}, "at least one [models.NAME] table")
     return Config(server=server, auth=auth, providers=providers, models=models)
+
+
+def with_server_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Command-line overrides of [server] keys (--host, --port, --workers), checked like the file's."""
+    checked = {k: _SERVER_SPEC[k](f"--{k}", v) for k, v in overrides.items()}
+    return replace(config, server=replace(config.server, **checked))
 
 
 def load_config(path: str) -> Config:

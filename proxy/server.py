@@ -16,8 +16,12 @@ Rules:
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 import socket
+import sys
+from functools import partial
 from typing import Awaitable, Callable
 
 import trio
@@ -62,7 +66,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     return hc
 
 
-async def serve(config: Config, gateway: Gateway | None = None, *,
+async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.socket | None = None,
                 shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT (or `shutdown_trigger` returns), then drain and return.
@@ -72,7 +76,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *,
     h2_flow.apply()
     gateway = gateway or Gateway(config)
     server = config.server
-    sock = make_socket(server.host, server.port, server.write_timeout)
+    sock = sock or make_socket(server.host, server.port, server.write_timeout)
     hc = hypercorn_config(config)
     secure = hc.ssl_enabled
     sockets = Sockets(secure_sockets=[sock] if secure else [], insecure_sockets=[] if secure else [sock],
@@ -111,3 +115,50 @@ async def _wait_for_stop(stop: trio.Event, trigger: Callable[[], Awaitable[None]
             log.info("received %s", signal.Signals(signum).name)
             stop.set()
             return
+
+
+def run(config: Config, gateway: Gateway) -> int:
+    """Run the gateway in the foreground: one process, or `[server] workers` forked processes.
+
+    Workers share one listening socket made before the fork (the kernel spreads accepted
+    connections over them); each runs its own trio loop and its own copy of the gateway, so
+    per-process state (open streams, pools, limits) is per worker. The parent only forwards
+    SIGTERM/SIGINT and waits, so shutdown drains every worker.
+    """
+    server = config.server
+    sock = make_socket(server.host, server.port, server.write_timeout)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if server.certfile else "http"
+    shown = f"[{host}]" if ":" in host else host
+    auth = "master key required" if gateway.auth_enabled else "no master key set: open access"
+    print(f"gateway on {scheme}://{shown}:{port} ({server.workers} worker"
+          f"{'s' if server.workers > 1 else ''}, {auth})", flush=True)
+    if server.workers == 1:
+        trio.run(partial(serve, config, gateway, sock=sock))
+        return 0
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_worker, args=(config, gateway, sock), daemon=False)
+               for _ in range(server.workers)]
+    for worker in workers:
+        worker.start()
+    sock.close()  # the children hold it now
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid and worker.exitcode is None:
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    return max(abs(w.exitcode or 0) for w in workers)
+
+
+def _worker(config: Config, gateway: Gateway, sock: socket.socket) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # trio installs its own handlers in serve()
+    try:
+        trio.run(partial(serve, config, gateway, sock=sock))
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)

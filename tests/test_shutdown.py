@@ -73,3 +73,25 @@ def test_sigterm_drains_and_exits_cleanly():
     finally:
         process.kill()
         process.wait()
+
+
+def test_workers_share_the_port_and_all_drain_on_sigterm(tmp_path):
+    config = tmp_path / "workers.toml"
+    config.write_text('[server]\nport = 0\nworkers = 2\n[auth]\nmaster_key_env = "UNSET_FOR_TEST"\n'
+                      '[providers.p]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                      '[models."*"]\ndeployments = [{ provider = "p" }]\n')
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "(2 workers" in line, line + process.stderr.read()
+        url = line.split(" on ", 1)[1].split(" ", 1)[0]
+        for _ in range(10):  # each connection lands on one worker or the other; all answer
+            assert httpx.get(url + "/healthz", timeout=10).json()["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        leftovers = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout
+        assert leftovers.strip() == ""
+    finally:
+        process.kill()
+        process.wait()

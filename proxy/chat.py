@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import orjson
 import trio
 
+from . import dispatch
 from .chat_request import ChatRequest, parse_chat_request
+from .dispatch import Served
 from .errors import GatewayError
-from .providers import Chunk, ProviderAdapter, WireRequest
+from .providers import Chunk
 from .relay import Receive, Relay, Send
 from .sse import DONE, encode_event
 
@@ -44,45 +46,37 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) 
     from .app import ClientGone, send_json
 
     request = parse_chat_request(body)
-    target = gateway.router.pick(request.model)
-    adapter = gateway.adapters[target.deployment.provider]
-    wire = adapter.chat_request(request, target.model)
-    started = time.perf_counter()
+    gateway.router.check_model(request.model)  # 404 before any work
+    served = Served()
     usage = Usage()
+    started = time.perf_counter()
     if request.stream:
-        await _stream(gateway, request, adapter, wire, usage, receive, send, started)
+        await _stream(gateway, request, served, usage, receive, send, started)
         return
-    raw = await _until_disconnect(receive, lambda: gateway.upstream.request(adapter, wire))
-    if raw is None:
-        _log(request, adapter, "client_disconnected", usage, started)
+    completion = await _until_disconnect(receive, lambda: dispatch.complete(gateway, request, served))
+    if completion is None:
+        _log(request, served, "client_disconnected", usage, started)
         raise ClientGone()
-    completion = adapter.parse_completion(raw)
     usage.update(completion.get("usage"))
-    await send_json(send, 200, completion)
-    _log(request, adapter, "ok", usage, started)
+    await send_json(send, 200, completion, served.headers())
+    _log(request, served, "ok", usage, started)
 
 
-async def _stream(gateway: "Gateway", request: ChatRequest, adapter: ProviderAdapter, wire: WireRequest,
-                  usage: Usage, receive: Receive, send: Send, started: float) -> None:
+async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usage: Usage,
+                  receive: Receive, send: Send, started: float) -> None:
     server = gateway.config.server
 
     async def produce(channel: trio.MemorySendChannel) -> None:
-        # One channel item per upstream read: the events of one read travel together.
-        async with gateway.upstream.stream(adapter, wire) as body:
-            parser = adapter.stream_parser(server.max_event_bytes)
-            while True:
-                data = await body.next()
-                chunks = parser.feed(data) if data else parser.close()
-                if chunks and (out := _encode(chunks, request, usage)):
-                    await channel.send(out)
-                if parser.failed is not None:
-                    raise parser.failed
-                if not data:
-                    break
+        async def emit(chunks: list[Chunk]) -> None:
+            # One channel item per upstream read: the events of one read travel together.
+            if out := _encode(chunks, request, usage):
+                await channel.send(out)
+
+        await dispatch.stream(gateway, request, emit, served)
         await channel.send(DONE)
 
     relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
-                  keepalive_interval=server.keepalive_interval)
+                  keepalive_interval=server.keepalive_interval, headers=served.headers)
     gateway.relays.add(relay)
     try:
         await relay.run(produce)
@@ -91,7 +85,7 @@ async def _stream(gateway: "Gateway", request: ChatRequest, adapter: ProviderAda
         outcome = ("client_disconnected" if relay.disconnected else
                    "client_stalled" if relay.stalled else
                    f"error:{relay.failure.code or relay.failure.type}" if relay.failure else "ok")
-        _log(request, adapter, outcome, usage, started, relay.bytes_written)
+        _log(request, served, outcome, usage, started, relay.bytes_written)
 
 
 def _encode(chunks: list[Chunk], request: ChatRequest, usage: Usage) -> bytes:
@@ -135,9 +129,9 @@ async def _until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) 
     return result
 
 
-def _log(request: ChatRequest, adapter: ProviderAdapter, outcome: str, usage: Usage,
+def _log(request: ChatRequest, served: Served, outcome: str, usage: Usage,
          started: float, bytes_out: int | None = None) -> None:
-    log.info("chat model=%s provider=%s stream=%s outcome=%s prompt_tokens=%d completion_tokens=%d "
-             "bytes_out=%s ms=%.1f", request.model, adapter.name, request.stream, outcome,
-             usage.prompt_tokens, usage.completion_tokens, bytes_out if bytes_out is not None else "-",
-             (time.perf_counter() - started) * 1000)
+    log.info("chat model=%s deployment=%s/%s attempts=%d stream=%s outcome=%s prompt_tokens=%d "
+             "completion_tokens=%d bytes_out=%s ms=%.1f", request.model, served.provider, served.model,
+             served.attempts, request.stream, outcome, usage.prompt_tokens, usage.completion_tokens,
+             bytes_out if bytes_out is not None else "-", (time.perf_counter() - started) * 1000)

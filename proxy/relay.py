@@ -61,13 +61,14 @@ Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
 
 class Relay:
     def __init__(self, send: Send, receive: Receive, *, write_timeout: float, buffer: int,
-                 keepalive_interval: float, headers: list[tuple[bytes, bytes]] = ()):
+                 keepalive_interval: float,
+                 headers: Callable[[], list[tuple[bytes, bytes]]] = list):
         self._send = send
         self._receive = receive
         self._write_timeout = write_timeout
         self._buffer = buffer
         self._keepalive = keepalive_interval
-        self._headers = SSE_HEADERS + list(headers)
+        self._headers = headers  # evaluated at the first write: routing may still be deciding
         self._write_guard = trio.CancelScope()  # its deadline is "now + write_timeout" during a write
         self._reader_scope = trio.CancelScope()
         self._abort: GatewayError | None = None
@@ -176,7 +177,8 @@ class Relay:
         self._write_guard.deadline = trio.current_time() + self._write_timeout
         if not self.started:
             self.started = True
-            await self._send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            await self._send({"type": "http.response.start", "status": 200,
+                              "headers": SSE_HEADERS + self._headers()})
         await self._send({"type": "http.response.body", "body": data, "more_body": more_body})
         self.bytes_written += len(data)
         self._write_guard.deadline = math.inf

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .config import Config, Deployment
+from .config import Config, Deployment, ModelRoute
 from .errors import ModelNotFound
 
 
@@ -24,11 +24,15 @@ class Router:
         self._config = config
         self._rng = rng or random.Random()
 
-    def pick(self, model: str) -> Target:
+    def check_model(self, model: str) -> ModelRoute:
         route = self._config.route(model)
         if route is None:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                 param="model")
+        return route
+
+    def pick(self, model: str) -> Target:
+        route = self.check_model(model)
         candidates = [d for d in route.deployments if d.weight > 0]
         deployment = self._rng.choices(candidates, weights=[d.weight for d in candidates])[0]
         return Target(deployment, deployment.model or model)

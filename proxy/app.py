@@ -1,6 +1,8 @@
 """The ASGI application: routing, auth, body limits, and the one place errors become responses.
 
-Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /healthz.
+Endpoints: POST /v1/chat/completions (stream or not), POST /v1/messages (Anthropic format, stream
+or not; `x-api-key` or Bearer; Anthropic-shaped errors), POST /v1/embeddings, GET /v1/models,
+GET /healthz.
 Every failure is a `proxy.errors.GatewayError`; `__call__` turns it into an OpenAI-shaped JSON
 response with its status and a log line (never with secrets: headers are not logged).
 """
@@ -16,9 +18,10 @@ from typing import Any, Awaitable, Callable, Mapping
 import orjson
 import trio
 
-from . import chat
+from . import chat, embeddings, messages
 from .config import Config, check_environment
-from .errors import AuthenticationFailed, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from .errors import (AuthenticationFailed, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed,
+                     NotFound, PayloadTooLarge)
 from .providers import make_adapter
 from .relay import Receive, Relay, Send
 from .router import Router
@@ -27,6 +30,13 @@ from .upstream import Upstream
 log = logging.getLogger("proxy.app")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 class ClientGone(Exception):
@@ -75,6 +85,10 @@ class Gateway:
             "/healthz": {"GET": self._healthz},
             "/v1/models": {"GET": self._models},
             "/v1/chat/completions": {"POST": self._chat},
+            "/v1/messages": {"POST": self._messages},
+            "/v1/embeddings": {"POST": self._embeddings},
+            "/admin/routing": {"GET": self._admin_routing},
+            "/admin/bypass": {"POST": self._admin_bypass},
         }
 
     @property
@@ -104,6 +118,11 @@ class Gateway:
                                        allow=allow)
             if scope["path"].startswith("/v1/"):
                 self._authenticate(scope)
+            elif scope["path"].startswith("/admin/"):
+                if self._master_key is None:
+                    raise Forbidden("admin endpoints need a master key: set the variable named by "
+                                    "[auth] master_key_env")
+                self._authenticate(scope)
             await handler(scope, receive, send)
         except ClientGone:
             log.info("%s %s client disconnected before the response", scope["method"], scope["path"])
@@ -111,20 +130,43 @@ class Gateway:
             level = logging.WARNING if error.status >= 500 else logging.INFO
             log.log(level, "%s %s -> %d %s: %s (%.1f ms)", scope["method"], scope["path"], error.status,
                     error.code or error.type, error.message, (time.perf_counter() - started) * 1000)
-            await send_json(send, error.status, error.to_body(), error.headers())
+            # /v1/messages speaks Anthropic, errors included (the anthropic SDK maps them to its classes)
+            body = error.to_anthropic_body() if scope["path"] == "/v1/messages" else error.to_body()
+            await send_json(send, error.status, body, error.headers())
 
     def _authenticate(self, scope: Mapping[str, Any]) -> None:
         if self._master_key is None:
             return
-        given = b""
+        given, api_key = b"", b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value
+            elif name == b"x-api-key" and scope["path"] == "/v1/messages":
+                api_key = value  # the anthropic SDK's way; Bearer works there too
         scheme, _, token = given.partition(b" ")
+        if api_key and not given:
+            scheme, token = b"bearer", api_key
         if scheme.lower() != b"bearer" or not token:
-            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
+            also = " or 'x-api-key: <key>'" if scope["path"] == "/v1/messages" else ""
+            raise AuthenticationFailed(f"Missing API key: send 'Authorization: Bearer <key>'{also}.")
         if not hmac.compare_digest(token.strip(), self._master_key.encode()):
             raise AuthenticationFailed("Incorrect API key provided.")
+
+    async def _admin_routing(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
+        await send_json(send, 200, self.router.snapshot(trio.current_time()))
+
+    async def _admin_bypass(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
+        """POST {"enabled": true|false}: the run-time BYPASS_ROUTER switch."""
+        body = await read_body(scope, receive, 4096)
+        try:
+            enabled = orjson.loads(body)["enabled"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            enabled = None
+        if not isinstance(enabled, bool):
+            raise InvalidRequest('expected a JSON body {"enabled": true|false}', param="enabled")
+        self.router.bypass = enabled
+        log.warning("router bypass %s via /admin/bypass", "ON" if enabled else "off")
+        await send_json(send, 200, {"bypass": enabled})
 
     async def _healthz(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
         if self.draining:
@@ -139,7 +181,16 @@ class Gateway:
 
     async def _chat(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
         body = await read_body(scope, receive, self.config.server.max_body_bytes)
-        await chat.handle(self, body, receive, send)
+        await chat.handle(self, body, receive, send,
+                          requested_deployment=header(scope, b"x-gateway-deployment"))
+
+    async def _messages(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
+        body = await read_body(scope, receive, self.config.server.max_body_bytes)
+        await messages.handle(self, body, receive, send, anthropic_beta=header(scope, b"anthropic-beta"))
+
+    async def _embeddings(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
+        body = await read_body(scope, receive, self.config.server.max_body_bytes)
+        await embeddings.handle(self, body, receive, send)
 
     # -- drain: the server asks us to stop (proxy/server.py) --
 

@@ -33,21 +33,35 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Usage:
+    """Canonical usage (proxy/providers/__init__.py): cached_tokens are read from the prompt
+    cache, cache_write_tokens written to it; both are part of prompt_tokens."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def update(self, usage: Any) -> None:
         if isinstance(usage, dict):
             self.prompt_tokens = usage.get("prompt_tokens") or self.prompt_tokens
             self.completion_tokens = usage.get("completion_tokens") or self.completion_tokens
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                self.cached_tokens = details.get("cached_tokens") or self.cached_tokens
+                self.cache_write_tokens = details.get("cache_write_tokens") or self.cache_write_tokens
+
+    def log_fields(self) -> str:
+        return (f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
+                f"cached_tokens={self.cached_tokens} cache_write_tokens={self.cache_write_tokens}")
 
 
-async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) -> None:
+async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, *,
+                 requested_deployment: str | None = None) -> None:
     from .app import ClientGone, send_json
 
     request = parse_chat_request(body)
     gateway.router.check_model(request.model)  # 404 before any work
-    served = Served()
+    served = Served(requested=requested_deployment)
     usage = Usage()
     started = time.perf_counter()
     if request.stream:
@@ -131,7 +145,7 @@ async def _until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) 
 
 def _log(request: ChatRequest, served: Served, outcome: str, usage: Usage,
          started: float, bytes_out: int | None = None) -> None:
-    log.info("chat model=%s deployment=%s/%s attempts=%d stream=%s outcome=%s prompt_tokens=%d "
-             "completion_tokens=%d bytes_out=%s ms=%.1f", request.model, served.provider, served.model,
-             served.attempts, request.stream, outcome, usage.prompt_tokens, usage.completion_tokens,
+    log.info("chat model=%s deployment=%s/%s attempts=%d stream=%s outcome=%s %s "
+             "bytes_out=%s ms=%.1f", request.model, served.provider, served.model,
+             served.attempts, request.stream, outcome, usage.log_fields(),
              bytes_out if bytes_out is not None else "-", (time.perf_counter() - started) * 1000)

@@ -1,4 +1,4 @@
-"""Command line: `llm-gateway serve --config PATH | --demo`, `llm-gateway fake-provider --port P`.
+"""Command line: `llm-gateway serve --config PATH | --demo`, `fake-provider --port P`, `drill`.
 
 Thin on purpose: parse arguments, load config (failing before any port is bound), run.
 """
@@ -25,7 +25,7 @@ def demo_config(provider_port: int, host: str, port: int) -> Config:
         server=ServerConfig(host=host, port=port),
         providers={"fake": ProviderConfig(name="fake", kind="openai",
                                           base_url=f"http://127.0.0.1:{provider_port}/v1")},
-        models=(ModelRoute(name="*", deployments=(Deployment(provider="fake", model=""),)),),
+        models=(ModelRoute(name="*", deployments=(Deployment(name="fake/*", provider="fake", model=""),)),),
     )
 
 
@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="override [server] port")
     serve.add_argument("--workers", type=int, default=None, help="override [server] workers")
     sub.add_parser("fake-provider", help="run the fake OpenAI-compatible provider alone", add_help=False)
+    sub.add_parser("drill", help="revoke the primary's key under load; report the SLO", add_help=False)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "drill":
+        from .drill import main as drill_main
+        return drill_main(rest)
     if args.command == "fake-provider":
         from .fake_provider import main as fake_main
         return fake_main(rest)

@@ -17,7 +17,10 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-PROVIDER_KINDS = ("openai",)
+# openai: OpenAI itself; openai-compatible: any server speaking Chat Completions (vLLM, Together,
+# Groq, Azure OpenAI with api_key_header/api_version); anthropic: the Messages API; ollama: /api/chat.
+PROVIDER_KINDS = ("openai", "openai-compatible", "anthropic", "ollama")
+TOOL_ARGUMENTS = ("pass", "validate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,19 +60,41 @@ class ProviderConfig:
     # LLMs think before they speak: the first byte may take long, later gaps are shorter.
     first_byte_timeout: float = 300.0
     read_timeout: float = 120.0
+    # Extra request headers (e.g. an OpenAI-Organization, a vLLM router's tenant header).
+    headers: tuple[tuple[str, str], ...] = ()
+    # The header that carries the key, sent as-is (Azure: "api-key"); unset = the kind's own
+    # (Bearer for openai kinds, x-api-key for anthropic).
+    api_key_header: str | None = None
+    # openai kinds: the `api-version` query parameter (Azure); anthropic: `anthropic-version`.
+    api_version: str | None = None
+    # anthropic: max_tokens is required there; used when the client did not set one.
+    max_tokens: int = 4096
+    # anthropic: mark the system prompt and tool definitions with cache_control (from OpenAI format).
+    auto_prompt_cache: bool = False
+    # "validate": a finished tool call whose arguments do not fit the tool's schema is an error.
+    tool_arguments: str = "pass"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Deployment:
+    name: str  # unique; default "provider/model" (breaker state and metrics are keyed by it)
     provider: str
-    model: str
+    model: str  # "" = forward the requested name (a glob route's deployment without `model`)
     weight: float = 1.0
+    priority: int = 0  # lower is tried first; the next priority only when these are exhausted
+    max_concurrency: int | None = None  # admission control for this deployment alone
+    ttft_timeout: float | None = None   # overrides the model's and the router's
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRoute:
     name: str  # exact name or glob pattern
     deployments: tuple[Deployment, ...]
+    fallbacks: tuple[str, ...] = ()       # other model names tried, in order, when this group is exhausted
+    context_window_fallback: str | None = None  # model for a provider's context-length error
+    ttft_timeout: float | None = None
+    pin: str | None = None                # a deployment name: only it serves, one attempt, no fallbacks
+    allow_deployment_header: bool = False  # clients may ask for one deployment (x-gateway-deployment)
 
     @property
     def is_glob(self) -> bool:
@@ -77,9 +102,26 @@ class ModelRoute:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    retries: int = 1                 # retries within a model's deployments before its fallbacks
+    backoff_initial: float = 0.25    # full jitter: uniform(0, min(backoff_max, initial * 2**n))
+    backoff_max: float = 4.0
+    retry_after_max: float = 5.0     # a longer provider Retry-After means fail over, not wait
+    request_timeout: float = 600.0   # one request's whole time, retries included
+    ttft_timeout: float | None = None  # no first token in time -> cancel and fail over
+    queue_timeout: float = 1.0       # wait for a saturated deployment at most this, then move on / 429
+    breaker_failures: int = 3
+    breaker_cooldown: float = 30.0
+    breaker_failure_rate: float = 0.5
+    breaker_window: float = 60.0
+    breaker_min_requests: int = 20
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     models: tuple[ModelRoute, ...] = ()
 
@@ -155,6 +197,28 @@ def _env_name(key: str, v: Any) -> str:
                    expected="the name of an environment variable")
 
 
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, v, "true or false")
+    return v
+
+
+def _header_name(key: str, v: Any) -> str:
+    return _string(key, v, check=lambda s: s.replace("-", "").isalnum() and s.isascii(),
+                   expected="an HTTP header name (letters, digits, '-')").lower()
+
+
+def _headers(key: str, v: Any) -> tuple[tuple[str, str], ...]:
+    table = _table(v, key)
+    out = []
+    for name, value in table.items():
+        _header_name(f"{key}.{name}", name)
+        _string(f"{key}.{name}", value, check=lambda s: s.isprintable() and s.isascii(),
+                expected="a printable ASCII string")
+        out.append((name.lower(), value))
+    return tuple(out)
+
+
 def _path(key: str, v: Any) -> str:
     _string(key, v)
     if not os.path.isfile(v):
@@ -185,6 +249,14 @@ _PROVIDER_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "connect_timeout": _positive,
     "first_byte_timeout": _positive,
     "read_timeout": _positive,
+    "headers": _headers,
+    "api_key_header": _header_name,
+    "api_version": lambda k, v: _string(k, v, check=lambda s: s.isprintable() and " " not in s,
+                                        expected="a version string without spaces"),
+    "max_tokens": _count,
+    "auto_prompt_cache": _bool,
+    "tool_arguments": lambda k, v: _string(k, v, check=lambda s: s in TOOL_ARGUMENTS,
+                                           expected=f"one of {', '.join(TOOL_ARGUMENTS)}"),
 }
 
 
@@ -194,12 +266,14 @@ def _provider(name: str, raw: Any) -> ProviderConfig:
     for required in ("kind", "base_url"):
         if required not in values:
             raise ConfigError(f"{key}.{required}", None, "a value (this key is required)")
+    if values.get("auto_prompt_cache") and values["kind"] != "anthropic":
+        raise ConfigError(f"{key}.auto_prompt_cache", True, 'false unless kind = "anthropic"')
     return ProviderConfig(name=name, **values)
 
 
 def _deployment(key: str, raw: Any, model_name: str, providers: dict[str, ProviderConfig]) -> Deployment:
     raw = _table(raw, key)
-    _known(raw, key, {"provider", "model", "weight"})
+    _known(raw, key, {"provider", "model", "weight", "priority", "max_concurrency", "ttft_timeout", "name"})
     provider = raw.get("provider")
     if provider not in providers:
         raise ConfigError(f"{key}.provider", provider,
@@ -210,13 +284,20 @@ def _deployment(key: str, raw: Any, model_name: str, providers: dict[str, Provid
     elif not isinstance(model, str) or not model:
         raise ConfigError(f"{key}.model", model, "a non-empty string")
     weight = _number(f"{key}.weight", raw.get("weight", 1), minimum=0)
-    return Deployment(provider=provider, model=model, weight=weight)
+    priority = _number(f"{key}.priority", raw.get("priority", 0), minimum=0, integer=True)
+    limit = raw.get("max_concurrency")
+    ttft = raw.get("ttft_timeout")
+    name = _string(f"{key}.name", raw.get("name", f"{provider}/{model or '*'}"))
+    return Deployment(name=name, provider=provider, model=model, weight=weight, priority=priority,
+                      max_concurrency=None if limit is None else _count(f"{key}.max_concurrency", limit),
+                      ttft_timeout=None if ttft is None else _positive(f"{key}.ttft_timeout", ttft))
 
 
 def _model(name: str, raw: Any, providers: dict[str, ProviderConfig]) -> ModelRoute:
     key = f'models."{name}"'
     raw = _table(raw, key)
-    _known(raw, key, {"deployments"})
+    _known(raw, key, {"deployments", "fallbacks", "context_window_fallback", "ttft_timeout", "pin",
+                      "allow_deployment_header"})
     deployments = raw.get("deployments")
     if not isinstance(deployments, list) or not deployments:
         raise ConfigError(f"{key}.deployments", deployments, "a non-empty list of {provider=..., model=...}")
@@ -224,11 +305,64 @@ def _model(name: str, raw: Any, providers: dict[str, ProviderConfig]) -> ModelRo
                    for i, d in enumerate(deployments))
     if sum(d.weight for d in parsed) <= 0:
         raise ConfigError(f"{key}.deployments", deployments, "at least one deployment with weight > 0")
-    return ModelRoute(name=name, deployments=parsed)
+    fallbacks = raw.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) and f for f in fallbacks):
+        raise ConfigError(f"{key}.fallbacks", fallbacks, "a list of model names")
+    context = raw.get("context_window_fallback")
+    if context is not None:
+        _string(f"{key}.context_window_fallback", context)
+    pin = raw.get("pin")
+    if pin is not None and pin not in {d.name for d in parsed}:
+        raise ConfigError(f"{key}.pin", pin, f"the name of one of its deployments ({', '.join(d.name for d in parsed)})")
+    header = raw.get("allow_deployment_header", False)
+    if not isinstance(header, bool):
+        raise ConfigError(f"{key}.allow_deployment_header", header, "true or false")
+    ttft = raw.get("ttft_timeout")
+    return ModelRoute(name=name, deployments=parsed, fallbacks=tuple(fallbacks),
+                      context_window_fallback=context, pin=pin, allow_deployment_header=header,
+                      ttft_timeout=None if ttft is None else _positive(f"{key}.ttft_timeout", ttft))
+
+
+_ROUTER_SPEC: dict[str, Callable[[str, Any], Any]] = {
+    "retries": lambda k, v: _number(k, v, minimum=0, integer=True),
+    "backoff_initial": lambda k, v: _number(k, v, minimum=0),
+    "backoff_max": lambda k, v: _number(k, v, minimum=0),
+    "retry_after_max": lambda k, v: _number(k, v, minimum=0),
+    "request_timeout": _positive,
+    "ttft_timeout": _positive,
+    "queue_timeout": lambda k, v: _number(k, v, minimum=0),
+    "breaker_failures": _count,
+    "breaker_cooldown": lambda k, v: _number(k, v, minimum=0),
+    "breaker_failure_rate": lambda k, v: _number(k, v, minimum=0.01) if v <= 1 else
+    _fail(k, v, "a share between 0.01 and 1"),
+    "breaker_window": _positive,
+    "breaker_min_requests": _count,
+}
+
+
+def _fail(key: str, value: Any, expected: str) -> Any:
+    raise ConfigError(key, value, expected)
+
+
+def _check_references(models: tuple[ModelRoute, ...], config: "Config") -> None:
+    """Fallback names must resolve to a route; deployment names must mean one upstream."""
+    seen: dict[str, tuple[str, str]] = {}
+    for route in models:
+        key = f'models."{route.name}"'
+        for i, name in enumerate(route.fallbacks):
+            if config.route(name) is None:
+                raise ConfigError(f"{key}.fallbacks[{i}]", name, "a model name defined under [models]")
+        if route.context_window_fallback and config.route(route.context_window_fallback) is None:
+            raise ConfigError(f"{key}.context_window_fallback", route.context_window_fallback,
+                              "a model name defined under [models]")
+        for d in route.deployments:
+            if seen.setdefault(d.name, (d.provider, d.model)) != (d.provider, d.model):
+                raise ConfigError(f"{key}.deployments.name", d.name,
+                                  "a name used by no other provider/model pair")
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
-    _known(raw, "", {"server", "auth", "providers", "models"})
+    _known(raw, "", {"server", "auth", "router", "providers", "models"})
     server = ServerConfig(**_fields(_table(raw.get("server", {}), "server"), "server", _SERVER_SPEC))
     if (server.certfile is None) != (server.keyfile is None):
         raise ConfigError("server.certfile", server.certfile, "certfile and keyfile set together")
@@ -240,7 +374,10 @@ def parse_config(raw: dict[str, Any]) -> Config:
                    for name, m in _table(raw.get("models", {}), "models").items())
     if not models:
         raise ConfigError("models", {}, "at least one [models.NAME] table")
-    return Config(server=server, auth=auth, providers=providers, models=models)
+    router = RouterConfig(**_fields(_table(raw.get("router", {}), "router"), "router", _ROUTER_SPEC))
+    config = Config(server=server, auth=auth, router=router, providers=providers, models=models)
+    _check_references(models, config)
+    return config
 
 
 def with_server_overrides(config: Config, overrides: dict[str, Any]) -> Config:

@@ -1,61 +1,233 @@
-"""Dispatch: one canonical request to the provider the router chooses.
+"""Dispatch: one canonical request to providers, with retries, failover and a TTFT deadline.
 
 The seam between endpoints (which speak a client format: OpenAI chat, Anthropic messages) and
-everything behind them (routing, adapters, upstream I/O). Endpoints hand over a `ChatRequest`
-and get canonical chunks through `emit` (streaming) or a canonical completion; `Served` tells
-them who answered, for logs and response headers.
+everything behind them. Endpoints hand over a `ChatRequest` and get canonical chunks through
+`emit` (streaming) or a canonical completion; `Served` says who answered (logs, headers).
+
+The loop (rules in `proxy/retry_policy.py`, selection in `proxy/router.py`):
+    for the model, then each of its fallbacks:
+        pick a deployment (priority, weight, breaker), admit it (max_concurrency), attempt;
+        RETRY errors back off (full jitter, or the provider's Retry-After up to
+        retry_after_max; a longer one fails over at once) up to `retries` times, then the next
+        model; UNUSABLE (401/403) opens the breaker and moves on; FATAL goes to the client.
+    all of it inside `request_timeout`.
+A stream is *committed* once its first token is handed to the client: until then chunks are held
+back (only the role chunk, a few bytes) so a failover stays invisible; after, there is no silent
+switch — a failure ends the stream with an error event, as the relay does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+
+import trio
 
 from .chat_request import ChatRequest
+from .errors import GatewayError, UpstreamTimeout
 from .providers import Chunk
+from .retry_policy import (Action, FirstTokenTimeout, NoHealthyDeployment, backoff, classify,
+                           retry_after_seconds)
+from .router import DeploymentState
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 Emit = Callable[[list[Chunk]], Awaitable[None]]
+T = TypeVar("T")
+Attempt = Callable[[DeploymentState, str, float | None], Awaitable[T]]
 
 
 @dataclass(slots=True)
 class Served:
+    requested: str | None = None  # the x-gateway-deployment request header, if any
     provider: str = "-"
     model: str = "-"
+    deployment: str = "-"
     attempts: int = 0
     fallback: bool = False
+    committed: bool = False       # the first token went to the client: no more failover
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"x-gateway-deployment", f"{self.provider}/{self.model}".encode()),
+        return [(b"x-gateway-deployment", self.deployment.encode()),
                 (b"x-gateway-attempts", str(self.attempts).encode()),
                 (b"x-gateway-fallback", b"true" if self.fallback else b"false")]
 
 
 async def stream(gateway: "Gateway", request: ChatRequest, emit: Emit, served: Served) -> None:
     """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure."""
-    target = gateway.router.pick(request.model)
-    adapter = gateway.adapters[target.deployment.provider]
-    served.provider, served.model, served.attempts = adapter.name, target.model, served.attempts + 1
-    wire = adapter.chat_request(request, target.model)
-    async with gateway.upstream.stream(adapter, wire) as body:
-        parser = adapter.stream_parser(gateway.config.server.max_event_bytes)
-        while True:
-            data = await body.next()
-            chunks = parser.feed(data) if data else parser.close()
-            if chunks:
-                await emit(chunks)
-            if parser.failed is not None:
-                raise parser.failed
-            if not data:
-                return
+
+    async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
+        adapter = gateway.adapters[state.deployment.provider]
+        wire = adapter.chat_request(request, model)
+        deadline = trio.current_time() + ttft if ttft else math.inf
+        async with contextlib.AsyncExitStack() as stack:
+            held: list[Chunk] = []
+            data = b"-"
+            # The TTFT deadline covers connecting, the response headers and the wait for the first
+            # token — and nothing after: the scope closes before anything reaches the client.
+            with trio.move_on_at(deadline) as waiting:
+                body = await stack.enter_async_context(gateway.upstream.stream(adapter, wire))
+                parser = adapter.stream_parser(gateway.config.server.max_event_bytes, request)
+                while data and not any(map(_is_token, held)):
+                    data = await body.next()
+                    held += parser.feed(data) if data else parser.close()
+                    if parser.failed is not None:
+                        raise parser.failed
+            if waiting.cancelled_caught:
+                raise FirstTokenTimeout(f"provider {adapter.name}: no first token within {ttft} s "
+                                        "(ttft_timeout)")
+            served.committed = True
+            if held:
+                await emit(held)
+            while data:
+                data = await body.next()
+                chunks = parser.feed(data) if data else parser.close()
+                if chunks:
+                    await emit(chunks)
+                if parser.failed is not None:
+                    raise parser.failed
+
+    await _run(gateway, request, served, attempt)
 
 
 async def complete(gateway: "Gateway", request: ChatRequest, served: Served) -> dict[str, Any]:
     """The whole answer as a canonical (OpenAI chat.completion) dict; raise GatewayError on failure."""
-    target = gateway.router.pick(request.model)
-    adapter = gateway.adapters[target.deployment.provider]
-    served.provider, served.model, served.attempts = adapter.name, target.model, served.attempts + 1
-    raw = await gateway.upstream.request(adapter, adapter.chat_request(request, target.model))
-    return adapter.parse_completion(raw)
+
+    async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+        adapter = gateway.adapters[state.deployment.provider]
+        raw = await gateway.upstream.request(adapter, adapter.chat_request(request, model))
+        return adapter.parse_completion(raw, request)
+
+    return await _run(gateway, request, served, attempt)
+
+
+def _is_token(chunk: Chunk) -> bool:
+    """Does this chunk carry something the client must see (content, a tool call, the end)?"""
+    if isinstance(chunk, bytes):
+        return (b'"content":"' in chunk.replace(b'"content":""', b"") or b'"tool_calls"' in chunk
+                or b'"finish_reason":"' in chunk or b'"content": "' in chunk.replace(b'"content": ""', b""))
+    if not isinstance(chunk, dict):
+        return True  # a provider-native event passed through: forward it as it comes
+    choices = chunk.get("choices")
+    if not choices:
+        return True  # usage-only chunk: the end is near
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason") \
+                or delta.get("refusal"):
+            return True
+    return False
+
+
+async def _run(gateway: "Gateway", request: ChatRequest, served: Served, attempt: Attempt[T]) -> T:
+    router = gateway.router
+    settings = router.settings
+    route = router.check_model(request.model)
+    pinned = router.pinned(route, served.requested)
+    if router.bypass:  # straight to the first deployment: nothing of the router in the way
+        state = router.states[route.deployments[0].name]
+        return await _once(gateway, request, served, state, route, attempt, gate=False, track=False)
+    if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
+        return await _once(gateway, request, served, pinned, route, attempt, gate=False)
+    try:
+        with trio.fail_after(settings.request_timeout):
+            return await _with_failover(gateway, request, served, route, attempt)
+    except trio.TooSlowError:
+        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
+                              f"after {served.attempts} attempts") from None
+
+
+async def _with_failover(gateway: "Gateway", request: ChatRequest, served: Served, route: Any,
+                         attempt: Attempt[T]) -> T:
+    router = gateway.router
+    settings = router.settings
+    models = [route] + [router.check_model(name) for name in route.fallbacks]
+    last_error: GatewayError | None = None
+    index = 0
+    while index < len(models):
+        group = models[index]
+        excluded: set[str] = set()
+        tried: set[str] = set()
+        retries = 0
+        while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
+            tried.add(state.name)
+            served.fallback = index > 0
+            try:
+                return await _once(gateway, request, served, state, group, attempt)
+            except GatewayError as error:
+                if served.committed:
+                    raise
+                last_error = error
+                action = classify(error)
+                if action is Action.FATAL:
+                    raise
+                if action is Action.CONTEXT:
+                    if not group.context_window_fallback:
+                        raise
+                    models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
+                    break
+                if action in (Action.UNUSABLE, Action.SKIP):
+                    excluded.add(state.name)
+                    continue
+                if retries >= settings.retries:
+                    break  # this model's retries are spent: its fallbacks next
+                wait = retry_after_seconds(error)
+                if wait is not None and wait > settings.retry_after_max:
+                    state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
+                    excluded.add(state.name)
+                    continue
+                retries += 1
+                if action is Action.RETRY:
+                    await trio.sleep(wait if wait is not None else
+                                     backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
+                                             router.rng))
+        index += 1
+    if last_error is not None:
+        raise last_error
+    wait, cooling_only = router.unavailable_for(models, trio.current_time())
+    raise NoHealthyDeployment(f"no deployment of model '{route.name}' (or its fallbacks) is available: "
+                              + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
+                              retry_after=wait, rate_limited=cooling_only)
+
+
+async def _once(gateway: "Gateway", request: ChatRequest, served: Served, state: DeploymentState,
+                route: Any, attempt: Attempt[T], *, gate: bool = True, track: bool = True) -> T:
+    """One attempt on one deployment, with admission control and breaker bookkeeping.
+
+    gate: the breaker may refuse (half-open admits one probe); track: outcomes feed the breaker.
+    """
+    router = gateway.router
+    model = state.deployment.model or request.model
+    served.attempts += 1
+    served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
+    await router.admit(state)
+    state.requests += 1
+    if gate and not state.breaker.acquire(trio.current_time()):
+        router.release(state)
+        raise NoHealthyDeployment(f"deployment {state.name} is not available (circuit open)")
+    outcome = False
+    try:
+        result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
+        outcome = True
+        state.successes += 1
+        if track:
+            state.breaker.success(trio.current_time())
+        return result
+    except GatewayError as error:
+        outcome = True
+        state.failures += 1
+        state.last_error = f"{error.code or error.type}: {error.message}"[:300]
+        action = classify(error)
+        if track and action in (Action.RETRY, Action.FAILOVER, Action.UNUSABLE):
+            state.breaker.failure(trio.current_time(), fatal=action is Action.UNUSABLE,
+                                  reason=state.last_error)
+        elif track:
+            state.breaker.release()
+        raise
+    finally:
+        if not outcome and track:
+            state.breaker.release()  # cancelled (client left): no verdict on the deployment
+        router.release(state)

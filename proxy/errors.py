@@ -5,10 +5,21 @@ OpenAI-style error `type`/`code`; `to_body()` renders the JSON the client gets, 
 becomes an SSE error event once a stream has started. Foreign exceptions (httpx, h11, OS) are
 translated into this tree once, at the boundary that meets them (`proxy/upstream.py`).
 
+Two renderings of the same error: `to_body()` is OpenAI's shape (every endpoint but one);
+`to_anthropic_body()` is Anthropic's `{"type": "error", "error": {"type", "message"}}`, used on
+`/v1/messages` so the `anthropic` SDK raises its own matching exception class.
+
+Retry classification (for the routing layer): `UpstreamError.retryable` is true for a connect
+failure, a broken stream or timeout, and for provider statuses 408/409/429/500/502/503/504/529.
+Anthropic's `overloaded_error` (HTTP 529, or an `error` event mid-stream) becomes an
+`UpstreamStatusError` with `upstream_status = 529`: the client sees 502 like any provider 5xx,
+and a retry layer treats it exactly like a 503.
+
     GatewayError                      500 api_error
     ├── ConfigError                   (not an HTTP error: raised at start, names key/value/expected)
     ├── InvalidRequest                400 invalid_request_error
     ├── AuthenticationFailed          401 invalid_api_key
+    ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found
     │   └── ModelNotFound             404 model_not_found
     ├── MethodNotAllowed              405
@@ -16,6 +27,7 @@ translated into this tree once, at the boundary that meets them (`proxy/upstream
     ├── UpstreamError                 502 upstream_error (provider 5xx, connect failure, bad stream)
     │   ├── UpstreamStatusError       provider's own 4xx/5xx passed through with its status
     │   │   └── UpstreamRateLimited   429 passed through with its Retry-After
+    │   ├── ToolArgumentsInvalid      a finished tool call's arguments fail its schema (tool_arguments = "validate")
     │   └── UpstreamTimeout           504 (connect, first byte or read took too long)
     ├── ClientStalled                 (a write to the client stayed pending past write_timeout)
     └── ShuttingDown                  503 (the drain timeout ended the stream)
@@ -24,6 +36,15 @@ translated into this tree once, at the boundary that meets them (`proxy/upstream
 from __future__ import annotations
 
 from typing import Any
+
+
+# HTTP status -> Anthropic error type (docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         502: "api_error", 503: "overloaded_error", 504: "api_error",
+                         529: "overloaded_error"}
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
 class GatewayError(Exception):
@@ -52,6 +73,13 @@ class GatewayError(Exception):
             }
         }
 
+    @property
+    def anthropic_type(self) -> str:
+        return ANTHROPIC_ERROR_TYPES.get(self.status, "api_error")
+
+    def to_anthropic_body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
+
 
 class ConfigError(GatewayError):
     def __init__(self, key: str, value: object, expected: str):
@@ -70,6 +98,12 @@ class AuthenticationFailed(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
 
 
 class NotFound(GatewayError):
@@ -106,6 +140,11 @@ class UpstreamError(GatewayError):
     type = "api_error"
     code = "upstream_error"
 
+    @property
+    def retryable(self) -> bool:
+        """Another attempt (same or other deployment) may succeed: the hop failed, not the request."""
+        return True
+
 
 class UpstreamStatusError(UpstreamError):
     """The provider answered with an error status; the client sees that status and message."""
@@ -119,6 +158,16 @@ class UpstreamStatusError(UpstreamError):
         if type:
             self.type = type
 
+    @property
+    def retryable(self) -> bool:
+        return self.upstream_status in RETRYABLE_STATUSES
+
+    @property
+    def anthropic_type(self) -> str:
+        # The provider's own status decides: a 529 stays "overloaded_error" although we answer 502.
+        return ANTHROPIC_ERROR_TYPES.get(self.upstream_status,
+                                         ANTHROPIC_ERROR_TYPES.get(self.status, "api_error"))
+
 
 class UpstreamRateLimited(UpstreamStatusError):
     def __init__(self, message: str, *, retry_after: str | None, **kw: Any):
@@ -129,6 +178,15 @@ class UpstreamRateLimited(UpstreamStatusError):
         if self.retry_after is None:
             return []
         return [(b"retry-after", self.retry_after.encode("latin-1"))]
+
+
+class ToolArgumentsInvalid(UpstreamError):
+    """The model produced a tool call whose arguments are not valid for the tool's schema.
+
+    Retryable: another sample may well be valid. Raised only with `tool_arguments = "validate"`.
+    """
+
+    code = "tool_arguments_invalid"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -1,8 +1,23 @@
-"""A fake OpenAI-compatible LLM provider: the upstream for demos, end-to-end tests and benchmarks.
+"""A fake LLM provider: the upstream for demos, end-to-end tests and benchmarks.
 
-It speaks the Chat Completions wire format (JSON and SSE streams) with deterministic text, tunable
-timing (time to first token, inter-token latency) and injectable faults (error statuses, hangs,
-dropped and stalled streams). Every chat request leaves a `RequestRecord` that tests inspect.
+It speaks three wire formats with deterministic text, tunable timing (time to first token,
+inter-token latency) and injectable faults (error statuses, hangs, dropped and stalled streams,
+error events mid-stream):
+- OpenAI: POST /v1/chat/completions (JSON and SSE), POST /v1/embeddings;
+- Anthropic: POST /v1/messages (JSON and SSE events, `event: error` for faults);
+- Ollama: POST /api/chat (JSON and NDJSON; streams unless "stream": false), POST /api/embed.
+Each can answer with tool calls (`tool_call` directive) and reports usage with cached tokens
+(`cached_tokens`, `cache_write_tokens`) in its own fields. Errors are shaped like the format's.
+Every chat or embeddings request leaves a `RequestRecord` that tests inspect.
+
+Runtime control (for routing tests: key revocation, partial outages, hangs): POST /_fake/control
+with a JSON object, or set `FakeProvider.control` (a frozen `FakeControl`) in-process:
+    {"revoke_key": true}                      every request gets 401 invalid_api_key
+    {"fail_percent": 30, "fail_status": 503}  that share of requests fail with that status; the
+                                              sequence is deterministic (3 of every 10, evenly)
+    {"hang": true}                            every request hangs before headers
+    {"reset": true}                           clear all controls (alone or before the others)
+Keys given are merged over the current control; the answer is the control now in force.
 
 Rules:
 - Raw trio sockets + h11 (sans-IO), not an ASGI server: every byte on the wire is ours, and while a
@@ -53,6 +68,7 @@ _RECV_BYTES = 65536
 _MAX_BODY = 64 * 1024 * 1024
 # Bytes of a pipelined next request the watcher buffers before it stops reading (TCP pushes back).
 _MAX_READ_AHEAD = 1024 * 1024
+_FORMATS = ("openai", "anthropic", "ollama")
 # Tokens that are already due (itl=0, or catching up after a slow reader) share one write.
 _BATCH_BYTES = 16 * 1024
 _DIRECTIVE = re.compile(r"^[ \t]*fake:[ \t]*(\{.*\})[ \t]*$", re.MULTILINE)
@@ -78,7 +94,18 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hang_before_headers": (lambda v: isinstance(v, bool), "true or false"),
     "drop_after": (lambda v: v is None or _count(v), "null or an integer >= 0"),
     "stall_after": (lambda v: v is None or _count(v), "null or an integer >= 0"),
+    "error_after": (lambda v: v is None or _count(v), "null or an integer >= 0"),
+    "tool_call": (lambda v: v is None or _tool_calls_ok(v),
+                  'null, or {"name": str, "arguments": str} or a list of them'),
+    "cached_tokens": (_count, "an integer >= 0"),
+    "cache_write_tokens": (_count, "an integer >= 0"),
 }
+
+
+def _tool_calls_ok(v: Any) -> bool:
+    calls = v if isinstance(v, list) else [v]
+    return bool(calls) and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                               and isinstance(c.get("arguments", ""), str) for c in calls)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +121,12 @@ class FakeSettings:
     hang_before_headers: bool = False  # never respond; wait for the peer to close
     drop_after: int | None = None  # after N content tokens close the socket, unterminated
     stall_after: int | None = None  # after N content tokens go silent until the peer closes
+    error_after: int | None = None  # stream: after N tokens an error event in the format's shape
+    # answer with tool call(s) after the text: {"name", "arguments"} (arguments: JSON text, sent
+    # in three fragments when streaming, as written, even if it is not valid JSON)
+    tool_call: dict | list | None = None
+    cached_tokens: int = 0  # prompt tokens reported as read from the prompt cache
+    cache_write_tokens: int = 0  # prompt tokens reported as written to it (Anthropic only)
 
     def __post_init__(self) -> None:
         for name, (check, expected) in _CHECKS.items():
@@ -113,6 +146,7 @@ class RequestRecord:
     status: int
     authorization: str | None
     body: dict
+    headers: dict = field(default_factory=dict)  # request headers, lower-case names
     bytes_sent: int = 0  # body payload bytes (no headers, no chunk framing) whose send_all returned
     tokens_sent: int = 0
     completed: bool = False
@@ -146,15 +180,21 @@ class _Chat:
     finish_reason: str
     prompt_tokens: int
     fault: tuple[int, str] | None  # (after how many tokens, "drop" | "stall")
+    wire: str = "openai"  # "openai" | "anthropic" | "ollama"
+    tool_calls: tuple[tuple[str, str], ...] = ()  # (name, arguments JSON text)
+    error_message: str | None = None  # the message of an error status (run-time control)
+    embed_inputs: tuple[str, ...] = ()  # an embeddings request: its texts
+    embed_dims: int = 8
 
 
 class _Exchange:
     """One request/response on a connection: the socket, h11 state and the record it feeds."""
 
-    __slots__ = ("stream", "conn", "is_head", "record", "peer_gone", "dropped")
+    __slots__ = ("stream", "conn", "is_head", "record", "peer_gone", "dropped", "wire")
 
     def __init__(self, stream: trio.SocketStream, conn: h11.Connection, is_head: bool) -> None:
         self.stream, self.conn, self.is_head = stream, conn, is_head
+        self.wire = "openai"
         self.record: RequestRecord | None = None
         self.peer_gone = False  # the client closed (EOF, reset or a failed write)
         self.dropped = False  # we closed abruptly on purpose (drop_after)
@@ -199,16 +239,22 @@ def _apply_directives(settings: FakeSettings, texts: list[str]) -> FakeSettings:
     return settings
 
 
-def _plan_chat(body: Any, base: FakeSettings) -> _Chat:
+def _plan_chat(body: Any, base: FakeSettings, wire: str = "openai") -> _Chat:
     if not isinstance(body, dict):
         raise _BadRequest("request body must be a JSON object")
     messages = body.get("messages", [])
     if not isinstance(messages, list):
         raise _BadRequest("messages must be a list")
     texts = _texts(messages)
+    system = body.get("system") if wire == "anthropic" else None
+    if system is not None:
+        texts = _texts([{"content": system}]) + texts
     settings = _apply_directives(base, texts)
     cap = body.get("max_completion_tokens")
     cap = body.get("max_tokens") if cap is None else cap
+    if wire == "ollama":
+        options = body.get("options")
+        cap = options.get("num_predict") if isinstance(options, dict) else None
     if cap is not None and not _count(cap):
         raise _BadRequest(f"max_tokens must be an integer >= 0, got {cap!r}")
     tokens = settings.tokens if cap is None else min(settings.tokens, cap)
@@ -217,15 +263,21 @@ def _plan_chat(body: Any, base: FakeSettings) -> _Chat:
               if at is not None and at <= tokens]
     options = body.get("stream_options")
     model = body.get("model")
+    calls = settings.tool_call if isinstance(settings.tool_call, list) else \
+        [settings.tool_call] if settings.tool_call else []
+    tool_calls = tuple((c["name"], c.get("arguments", "{}")) for c in calls)
+    finish = "length" if tokens < settings.tokens else "tool_calls" if tool_calls else "stop"
     return _Chat(
         settings=settings,
         model=model if isinstance(model, str) else MODEL_ID,
-        stream=body.get("stream") is True,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        stream=body.get("stream") is not False if wire == "ollama" else body.get("stream") is True,
+        include_usage=wire != "openai" or isinstance(options, dict) and options.get("include_usage") is True,
         tokens=tokens,
-        finish_reason="length" if tokens < settings.tokens else "stop",
+        finish_reason=finish,
         prompt_tokens=max(1, sum(len(t.split()) for t in texts)),
         fault=min(faults) if faults else None,
+        wire=wire,
+        tool_calls=tool_calls,
     )
 
 
@@ -258,11 +310,173 @@ _ERROR_KINDS = {  # status -> OpenAI error (type, code); other 4xx: invalid_requ
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
-def _error_body(status: int, message: str | None = None) -> dict[str, Any]:
+_ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                     500: "api_error", 529: "overloaded_error"}
+
+
+def _error_body(status: int, message: str | None = None, wire: str = "openai") -> dict[str, Any]:
+    message = message or f"fake provider error {status}"
+    if wire == "anthropic":
+        kind = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if wire == "ollama":
+        return {"error": message}
     default = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
     kind, code = _ERROR_KINDS.get(status, default)
-    message = message or f"fake provider error {status}"
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeControl:
+    """Server-wide run-time faults (POST /_fake/control, or `FakeProvider.control = ...`)."""
+
+    revoke_key: bool = False  # every request: 401 invalid_api_key
+    fail_percent: int = 0  # this share of requests (0-100) fail with fail_status
+    fail_status: int = 503
+    hang: bool = False  # every request hangs before headers
+
+    def __post_init__(self) -> None:
+        checks = {"revoke_key": (lambda v: isinstance(v, bool), "true or false"),
+                  "hang": (lambda v: isinstance(v, bool), "true or false"),
+                  "fail_percent": (lambda v: _count(v) and v <= 100, "an integer 0..100"),
+                  "fail_status": (_CHECKS["status"][0], _CHECKS["status"][1])}
+        for name, (check, expected) in checks.items():
+            if not check(getattr(self, name)):
+                raise ValueError(f"{name} = {getattr(self, name)!r}: expected {expected}")
+
+
+def _fragments(text: str, parts: int = 3) -> list[str]:
+    """Split at awkward places (mid-token) so clients must join fragments in order."""
+    size = max(1, -(-len(text) // parts))
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _usage_fields(chat: _Chat) -> dict[str, Any]:
+    p, n, c, w = chat.prompt_tokens, chat.tokens, chat.settings.cached_tokens, chat.settings.cache_write_tokens
+    if chat.wire == "anthropic":
+        return {"input_tokens": p, "output_tokens": n, "cache_read_input_tokens": c,
+                "cache_creation_input_tokens": w}
+    if chat.wire == "ollama":
+        return {"prompt_eval_count": p, "eval_count": n}
+    usage: dict[str, Any] = {"prompt_tokens": p + c, "completion_tokens": n, "total_tokens": p + c + n}
+    if c:
+        usage["prompt_tokens_details"] = {"cached_tokens": c}
+    return usage
+
+
+def _tool_input(arguments: str) -> Any:
+    try:
+        return orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return arguments  # kept as text: how a broken model's output looks where objects are expected
+
+
+_STOP = {"anthropic": {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"},
+         "ollama": {"stop": "stop", "length": "length", "tool_calls": "stop"}}
+
+
+def _completion_body(chat: _Chat, rid: int) -> dict[str, Any]:
+    text = _completion_text(chat.tokens, chat.settings.token_bytes)
+    if chat.wire == "anthropic":
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        for i, (name, args) in enumerate(chat.tool_calls):
+            value = _tool_input(args)
+            content.append({"type": "tool_use", "id": f"toolu_fake_{rid}_{i}", "name": name,
+                            "input": value if isinstance(value, dict) else {}})
+        return {"id": f"msg_fake_{rid}", "type": "message", "role": "assistant", "model": chat.model,
+                "content": content, "stop_reason": _STOP["anthropic"][chat.finish_reason],
+                "stop_sequence": None, "usage": _usage_fields(chat)}
+    if chat.wire == "ollama":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if chat.tool_calls:
+            message["tool_calls"] = [{"function": {"name": n, "arguments": _tool_input(a)}}
+                                     for n, a in chat.tool_calls]
+        return {"model": chat.model, "created_at": "2024-01-01T00:00:00Z", "message": message, "done": True,
+                "done_reason": _STOP["ollama"][chat.finish_reason], **_usage_fields(chat)}
+    reply: dict[str, Any] = {"role": "assistant", "content": text if text or not chat.tool_calls else None}
+    if chat.tool_calls:
+        reply["tool_calls"] = [{"id": f"call_fake_{rid}_{i}", "type": "function",
+                                "function": {"name": n, "arguments": a}}
+                               for i, (n, a) in enumerate(chat.tool_calls)]
+    return {"id": f"chatcmpl-fake-{rid}", "object": "chat.completion", "created": int(time.time()),
+            "model": chat.model, "choices": [{"index": 0, "finish_reason": chat.finish_reason,
+                                              "message": reply}], "usage": _usage_fields(chat)}
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    return (b"event: %s\n" % event.encode() if event else b"") + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _script(chat: _Chat, rid: int) -> list[tuple[bytes, bool]]:
+    """A whole stream as (payload, is_token) events; tokens are paced, faults count them."""
+    words = [(_token_text(chat.settings.token_bytes) if chat.settings.token_bytes else _WORDS[i % len(_WORDS)])
+             for i in range(chat.tokens)]
+    out: list[tuple[bytes, bool]] = []
+    if chat.wire == "anthropic":
+        start = {"id": f"msg_fake_{rid}", "type": "message", "role": "assistant", "model": chat.model,
+                 "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": dict(_usage_fields(chat), output_tokens=1)}
+        out.append((_sse({"type": "message_start", "message": start}, "message_start"), False))
+        out.append((_sse({"type": "ping"}, "ping"), False))
+        index = 0
+        if words:
+            out.append((_sse({"type": "content_block_start", "index": 0,
+                              "content_block": {"type": "text", "text": ""}}, "content_block_start"), False))
+            out += [(_sse({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": w}}, "content_block_delta"), True) for w in words]
+            out.append((_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), False))
+            index = 1
+        for i, (name, args) in enumerate(chat.tool_calls):
+            block = {"type": "tool_use", "id": f"toolu_fake_{rid}_{i}", "name": name, "input": {}}
+            out.append((_sse({"type": "content_block_start", "index": index + i, "content_block": block},
+                             "content_block_start"), False))
+            out += [(_sse({"type": "content_block_delta", "index": index + i,
+                           "delta": {"type": "input_json_delta", "partial_json": f}}, "content_block_delta"), True)
+                    for f in _fragments(args)]
+            out.append((_sse({"type": "content_block_stop", "index": index + i}, "content_block_stop"), False))
+        out.append((_sse({"type": "message_delta", "delta": {"stop_reason": _STOP["anthropic"][chat.finish_reason],
+                                                             "stop_sequence": None},
+                          "usage": {"output_tokens": chat.tokens}}, "message_delta"), False))
+        out.append((_sse({"type": "message_stop"}, "message_stop"), False))
+        return out
+    if chat.wire == "ollama":
+        def line(message: dict[str, Any], **extra: Any) -> bytes:
+            return orjson.dumps({"model": chat.model, "created_at": "2024-01-01T00:00:00Z",
+                                 "message": dict(role="assistant", **message), "done": False, **extra}) + b"\n"
+        out += [(line({"content": w}), True) for w in words]
+        if chat.tool_calls:
+            calls = [{"function": {"name": n, "arguments": _tool_input(a)}} for n, a in chat.tool_calls]
+            out.append((line({"content": "", "tool_calls": calls}), True))
+        out.append((line({"content": ""}, done=True, done_reason=_STOP["ollama"][chat.finish_reason],
+                         **_usage_fields(chat)).replace(b'"done":false,', b""), False))
+        return out
+    base = {"id": f"chatcmpl-fake-{rid}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": chat.model}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}]))
+    out.append((chunk({"role": "assistant", "content": ""}), False))
+    out += [(chunk({"content": w}), True) for w in words]
+    for i, (name, args) in enumerate(chat.tool_calls):
+        out.append((chunk({"tool_calls": [{"index": i, "id": f"call_fake_{rid}_{i}", "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]}), False))
+        out += [(chunk({"tool_calls": [{"index": i, "function": {"arguments": f}}]}), True)
+                for f in _fragments(args)]
+    out.append((chunk({}, chat.finish_reason), False))
+    if chat.include_usage:
+        out.append((_sse(dict(base, choices=[], usage=_usage_fields(chat))), False))
+    out.append((b"data: [DONE]\n\n", False))
+    return out
+
+
+def _error_event(wire: str) -> bytes:
+    if wire == "anthropic":
+        return _sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
+    if wire == "ollama":
+        return b'{"error":"fake provider error mid-stream"}\n'
+    return _sse({"error": {"message": "fake provider error mid-stream", "type": "server_error",
+                           "param": None, "code": None}})
 
 
 def _response(conn: h11.Connection, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -272,6 +486,11 @@ def _response(conn: h11.Connection, status: int, headers: Sequence[tuple[bytes, 
 
 _ROUTES = {  # path -> the one method it serves
     b"/v1/chat/completions": b"POST",
+    b"/v1/messages": b"POST",
+    b"/api/chat": b"POST",
+    b"/v1/embeddings": b"POST",
+    b"/api/embed": b"POST",
+    b"/_fake/control": b"POST",
     b"/v1/models": b"GET",
     b"/healthz": b"GET",
     b"/_fake/requests": b"GET",
@@ -289,6 +508,8 @@ class FakeProvider:
         self._max_records = max_records  # benchmarks run millions of requests: keep the newest
         self._next_id = 1
         self._record_added = trio.Event()
+        self.control = FakeControl()  # run-time faults: POST /_fake/control (see module docstring)
+        self._control_seen = 0  # requests since the control last changed (fail_percent's sequence)
 
     # -- helpers for tests --
 
@@ -303,6 +524,27 @@ class FakeProvider:
 
     def reset(self) -> None:
         self.records.clear()
+
+    def set_control(self, **changes: Any) -> FakeControl:
+        """Merge `changes` over the current control; `reset=True` starts from none."""
+        base = FakeControl() if changes.pop("reset", False) else self.control
+        self.control = dataclasses.replace(base, **changes)
+        self._control_seen = 0
+        return self.control
+
+    def _controlled(self, settings: FakeSettings) -> tuple[FakeSettings, str | None]:
+        """The settings with the run-time control applied, and the error message it imposes."""
+        control = self.control
+        if control.hang:
+            return dataclasses.replace(settings, hang_before_headers=True), None
+        if control.revoke_key:
+            return dataclasses.replace(settings, status=401), "Incorrect API key provided (revoked)."
+        if control.fail_percent:
+            self._control_seen += 1
+            n, p = self._control_seen, control.fail_percent
+            if n * p // 100 > (n - 1) * p // 100:  # evenly spread: exactly p of every 100
+                return dataclasses.replace(settings, status=control.fail_status), None
+        return settings, None
 
     def _add_record(self, record: RequestRecord) -> None:
         if len(self.records) >= self._max_records:
@@ -372,8 +614,25 @@ class FakeProvider:
         elif request.method != method:
             await self._send_json(ex, 405, _error_body(405, f"use {method.decode()}"),
                                   [(b"allow", method)])
-        elif path == b"/v1/chat/completions":
+        elif path in _CHAT_PATHS:
+            ex.wire = _CHAT_PATHS[path]
             return await self._chat(ex, request, body)
+        elif path in (b"/v1/embeddings", b"/api/embed"):
+            ex.wire = "ollama" if path == b"/api/embed" else "openai"
+            return await self._chat(ex, request, body)
+        elif path == b"/_fake/control":
+            try:
+                changes = orjson.loads(body)
+                if not isinstance(changes, dict):
+                    raise ValueError("expected a JSON object")
+                unknown = sorted(set(changes) - {"reset"} - {f.name for f in dataclasses.fields(FakeControl)})
+                if unknown:
+                    raise ValueError(f"unknown control keys {unknown}")
+                control = self.set_control(**changes)
+            except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+                await self._send_json(ex, 400, _error_body(400, f"bad control: {exc}"))
+            else:
+                await self._send_json(ex, 200, dataclasses.asdict(control))
         elif path == b"/v1/models":
             model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "fake"}
             await self._send_json(ex, 200, {"object": "list", "data": [model]})
@@ -405,10 +664,10 @@ class FakeProvider:
     # -- chat completions --
 
     async def _chat(self, ex: _Exchange, request: h11.Request, raw: bytes) -> bool:
-        auth = dict(request.headers).get(b"authorization")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
         record = RequestRecord(
             id=self._next_id, path=request.target.decode("latin-1"), model=None, stream=False,
-            status=200, authorization=auth.decode("latin-1") if auth is not None else None,
+            status=200, authorization=headers.get("authorization"), headers=headers,
             body={}, started_at=trio.current_time())
         self._next_id += 1
         self._add_record(record)
@@ -434,13 +693,39 @@ class FakeProvider:
             record.body = body
             record.model = body.get("model") if isinstance(body.get("model"), str) else None
             record.stream = body.get("stream") is True
+        settings, message = self._controlled(self.settings)
+        if record.path.split("?", 1)[0] in ("/v1/embeddings", "/api/embed"):
+            return self._plan_embeddings(record, body, settings, message)
         try:
-            chat = _plan_chat(body, self.settings)
+            chat = _plan_chat(body, settings, ex_wire := self._wire_of(record))
         except _BadRequest as exc:
             record.status = 400
             return str(exc)
+        if ex_wire == "ollama":
+            record.stream = chat.stream  # Ollama streams unless told not to
         record.status = chat.settings.status
-        return chat
+        return dataclasses.replace(chat, error_message=message) if message else chat
+
+    @staticmethod
+    def _wire_of(record: RequestRecord) -> str:
+        return _CHAT_PATHS.get(record.path.split("?", 1)[0].encode(), "openai")
+
+    def _plan_embeddings(self, record: RequestRecord, body: Any, settings: FakeSettings,
+                         message: str | None) -> _Chat | str:
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            record.status = 400
+            return "input must be a string or a non-empty list"
+        texts = [i if isinstance(i, str) else " ".join(map(str, i)) for i in inputs]
+        wire = "ollama" if record.path.startswith("/api/") else "openai"
+        dims = body.get("dimensions") if _count(body.get("dimensions")) else 8
+        record.status = settings.status
+        return _Chat(settings=settings, model=record.model or MODEL_ID, stream=False, include_usage=False,
+                     tokens=0, finish_reason="stop", prompt_tokens=sum(len(t.split()) for t in texts),
+                     fault=None, wire=wire, embed_inputs=tuple(texts), embed_dims=dims,
+                     error_message=message)
 
     async def _watching_peer(self, ex: _Exchange, chat: _Chat | str) -> None:
         """Respond while a second task reads the socket: EOF or reset cancels the response."""
@@ -479,7 +764,7 @@ class FakeProvider:
     async def _respond(self, ex: _Exchange, chat: _Chat | str) -> None:
         """Returns only once the whole response is written; faults raise or wait forever."""
         if isinstance(chat, str):
-            await self._send_json(ex, 400, _error_body(400, chat))
+            await self._send_json(ex, 400, _error_body(400, chat, ex.wire))
         elif chat.settings.hang_before_headers:
             await trio.sleep_forever()  # the watcher ends this when the peer closes
         elif chat.settings.status != 200:
@@ -487,7 +772,11 @@ class FakeProvider:
             if s.retry_after is not None:
                 value = int(s.retry_after) if float(s.retry_after).is_integer() else s.retry_after
                 headers.append((b"retry-after", str(value).encode()))
-            await self._send_json(ex, s.status, _error_body(s.status), headers)
+            await self._send_json(ex, s.status, _error_body(s.status, chat.error_message, chat.wire), headers)
+        elif chat.embed_inputs:
+            await self._send_json(ex, 200, _embeddings_body(chat))
+        elif chat.stream and (chat.wire != "openai" or chat.tool_calls or chat.settings.error_after is not None):
+            await self._stream_script(ex, chat)
         elif chat.stream:
             await self._stream(ex, chat)
         else:
@@ -504,15 +793,7 @@ class FakeProvider:
         if s.ttft:
             await trio.sleep(s.ttft)
         n = chat.tokens
-        body = orjson.dumps({
-            "id": f"chatcmpl-fake-{record.id}", "object": "chat.completion",
-            "created": int(time.time()), "model": chat.model,
-            "choices": [{"index": 0, "finish_reason": chat.finish_reason,
-                         "message": {"role": "assistant",
-                                     "content": _completion_text(n, s.token_bytes)}}],
-            "usage": {"prompt_tokens": chat.prompt_tokens, "completion_tokens": n,
-                      "total_tokens": chat.prompt_tokens + n},
-        })
+        body = orjson.dumps(_completion_body(chat, record.id))
         head = _response(ex.conn, 200, [(b"content-type", b"application/json"),
                                         (b"content-length", b"%d" % len(body))])
         if chat.fault:  # a JSON body is all-or-nothing: the fault takes the body's place
@@ -568,11 +849,51 @@ class FakeProvider:
         finish = chat.finish_reason.encode()
         tail = prefix + b'[{"index":0,"delta":{},"finish_reason":"%s"}]}\n\n' % finish
         if chat.include_usage:
-            usage = {"prompt_tokens": chat.prompt_tokens, "completion_tokens": chat.tokens,
-                     "total_tokens": chat.prompt_tokens + chat.tokens}
-            tail += prefix + b'[],"usage":%s}\n\n' % orjson.dumps(usage)
+            tail += prefix + b'[],"usage":%s}\n\n' % orjson.dumps(_usage_fields(chat))
         tail += b"data: [DONE]\n\n"
         await ex.write(conn.send(h11.Data(data=tail)) + conn.send(h11.EndOfMessage()), len(tail))
+
+
+    async def _stream_script(self, ex: _Exchange, chat: _Chat) -> None:
+        """Anthropic and Ollama streams, and OpenAI ones with tool calls or an error event.
+
+        Simpler than `_stream` (one write per event): these paths serve tests, not benchmarks.
+        """
+        s, record, conn = chat.settings, ex.record, ex.conn
+        events = _script(chat, record.id)
+        content_type = b"application/x-ndjson" if chat.wire == "ollama" else b"text/event-stream"
+        await ex.write(_response(conn, 200, [(b"content-type", content_type), (b"cache-control", b"no-cache")]), 0)
+        first = trio.current_time() + s.ttft
+        sent = 0
+        for payload, is_token in events:
+            if is_token:
+                if chat.fault and sent >= chat.fault[0]:
+                    await self._fault(chat.fault[1])
+                if s.error_after is not None and sent >= s.error_after:
+                    payload = _error_event(chat.wire)
+                    await ex.write(conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()), len(payload))
+                    return
+                due = first + sent * s.itl
+                if due > trio.current_time():
+                    await trio.sleep_until(due)
+                sent = record.tokens_sent = sent + 1
+            await ex.write(conn.send(h11.Data(data=payload)), len(payload))
+        await ex.write(conn.send(h11.EndOfMessage()), 0)
+
+
+def _embeddings_body(chat: _Chat) -> dict[str, Any]:
+    vectors = []
+    for text in chat.embed_inputs:  # deterministic, distinct per text, unit-ish length
+        seed = sum(text.encode()) + len(text)
+        vectors.append([((seed * (i + 7)) % 97) / 97.0 for i in range(chat.embed_dims)])
+    if chat.wire == "ollama":
+        return {"model": chat.model, "embeddings": vectors, "prompt_eval_count": chat.prompt_tokens}
+    return {"object": "list", "model": chat.model,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": chat.prompt_tokens, "total_tokens": chat.prompt_tokens}}
+
+
+_CHAT_PATHS = {b"/v1/chat/completions": "openai", b"/v1/messages": "anthropic", b"/api/chat": "ollama"}
 
 
 # -- command line --
@@ -590,7 +911,7 @@ async def _run_cli(provider: FakeProvider, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.fake_provider",
-                                     description="Fake OpenAI-compatible LLM provider.")
+                                     description="Fake LLM provider: OpenAI, Anthropic and Ollama wire formats.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")

@@ -19,8 +19,10 @@ Rules:
 - Each event is written as soon as it arrives; only events already queued are joined into one
   write (no added latency, ~10x fewer sends under load).
 - Errors travel through the channel in order. Before the first byte went out, an upstream error
-  becomes a proper HTTP error response (raised to the caller); after, an OpenAI-style error event
-  and the stream ends without `[DONE]` — never a fake clean end.
+  becomes a proper HTTP error response (raised to the caller); after, an error event in the
+  client's format (`error_event`: OpenAI's `data: {"error": ...}` by default, Anthropic's
+  `event: error` on /v1/messages) and the stream ends without its clean-end marker — never a
+  fake clean end.
 """
 
 from __future__ import annotations
@@ -59,21 +61,29 @@ class Failure:
 Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
 
 
+def openai_error_event(error: GatewayError) -> bytes:
+    """The default final event of a failed stream: `data: {"error": {...}}`, OpenAI's shape."""
+    return encode_event(orjson.dumps(error.to_body()))
+
+
 class Relay:
     def __init__(self, send: Send, receive: Receive, *, write_timeout: float, buffer: int,
                  keepalive_interval: float,
-                 headers: Callable[[], list[tuple[bytes, bytes]]] = list):
+                 headers: Callable[[], list[tuple[bytes, bytes]]] = list,
+                 error_event: Callable[[GatewayError], bytes] = openai_error_event):
         self._send = send
         self._receive = receive
         self._write_timeout = write_timeout
         self._buffer = buffer
         self._keepalive = keepalive_interval
         self._headers = headers  # evaluated at the first write: routing may still be deciding
+        self._error_event = error_event  # how a failure after the first byte is told (client format)
         self._write_guard = trio.CancelScope()  # its deadline is "now + write_timeout" during a write
         self._reader_scope = trio.CancelScope()
         self._abort: GatewayError | None = None
         self.started = False  # response headers went out: errors are events from now on
         self.disconnected = False
+        self.finished = False  # the last write (more_body=False) has begun
         self.stalled = False
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
@@ -106,7 +116,9 @@ class Relay:
             while True:
                 message = await self._receive()
                 if message["type"] == "http.disconnect":
-                    self.disconnected = True
+                    # After the last write, hypercorn reports the finished response as a
+                    # disconnect too: that is the end, not a client leaving.
+                    self.disconnected = not self.finished
                     cancel_relay.cancel()
                     return
         raise ClientStalled("write deadline passed")
@@ -170,7 +182,7 @@ class Relay:
         self.failure = error
         if not self.started:
             return  # run() raises it: the caller can still answer with a proper status
-        await self._out(encode_event(orjson.dumps(error.to_body())), more_body=False)
+        await self._out(self._error_event(error), more_body=False)
 
     async def _out(self, data: bytes, *, more_body: bool = True) -> None:
         """One ASGI send under the write deadline (see module docstring)."""
@@ -179,6 +191,7 @@ class Relay:
             self.started = True
             await self._send({"type": "http.response.start", "status": 200,
                               "headers": SSE_HEADERS + self._headers()})
+        self.finished = not more_body
         await self._send({"type": "http.response.body", "body": data, "more_body": more_body})
         self.bytes_written += len(data)
         self._write_guard.deadline = math.inf

@@ -1,8 +1,9 @@
 """Quick numbers for the streaming core (the full benchmarks live in `loadtest`).
 
 1. TTFT added by the gateway: a closed loop of N concurrent clients (each running streams back
-   to back on a keep-alive connection), direct to the fake provider vs through the gateway, in
-   alternating rounds; prints medians of per-round p50/p99 and their difference.
+   to back on a keep-alive connection, with a random 0-500 ms pause before each), direct to the
+   fake provider vs through the gateway, in alternating rounds; prints medians of per-round
+   p50/p99 and their difference.
 2. RSS per open idle stream: the gateway's RSS with M streams held open (waiting for a first
    token that takes minutes) minus its RSS after a warm-up, divided by M.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -44,6 +46,10 @@ async def worker(port: int, payload: bytes, count: int, results: list[float]) ->
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         for _ in range(count):
+            # Desynchronise the clients: with a deterministic provider a closed loop would
+            # otherwise send all N requests in the same millisecond, every round, and measure
+            # the queueing of that burst rather than the steady state of N open streams.
+            await trio.sleep(random.uniform(0, 0.5))
             start = time.perf_counter()
             await stream.send_all(payload)
             seen = b""
@@ -126,13 +132,14 @@ async def main_async(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     fake, line = start([sys.executable, "-m", "proxy", "fake-provider", "--port", "0",
-                        "--ttft", "0.1", "--itl", "0.02", "--tokens", "50"])
+                        "--ttft", "0.1", "--itl", str(args.itl), "--tokens", "50"])
     fake_port = int(line.rsplit(":", 1)[1].split("/")[0])
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(f'[server]\nport = 0\n[auth]\nmaster_key_env = "CORE_NUMBERS_UNSET_KEY"\n'
                 f'[providers.fake]\nkind = "openai"\nbase_url = "http://127.0.0.1:{fake_port}/v1"\n'
                 f'[models."*"]\ndeployments = [{{ provider = "fake" }}]\n')
-    gateway, line = start([sys.executable, "-m", "proxy", "serve", "--config", f.name])
+    gateway, line = start([sys.executable, "-m", "proxy", "serve", "--config", f.name,
+                           "--workers", str(args.workers)])
     gw_port = int(line.split("http://127.0.0.1:", 1)[1].split()[0].strip(","))
     try:
         direct, through = [], []
@@ -143,17 +150,19 @@ async def main_async(args: argparse.Namespace) -> None:
         g50 = statistics.median(pct(r, 0.5) for r in through)
         d99 = statistics.median(pct(r, 0.99) for r in direct)
         g99 = statistics.median(pct(r, 0.99) for r in through)
-        before, during = await idle_rss(gw_port, gateway.pid, args.idle)
+        before, during = await idle_rss(gw_port, gateway.pid, args.idle) if args.workers == 1 else (0, 0)
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"trio {version('trio')}, hypercorn {version('hypercorn')}, httpx {version('httpx')}")
         print(f"command: python scripts/core_numbers.py --streams {args.streams} --rounds {args.rounds} "
-              f"--idle {args.idle}")
-        print(f"TTFT at {args.streams} concurrent streams (provider TTFT 100 ms), median of {args.rounds} rounds:")
+              f"--idle {args.idle} --workers {args.workers} --itl {args.itl}")
+        print(f"TTFT at {args.streams} concurrent streams (provider TTFT 100 ms, 50 tokens "
+              f"{args.itl * 1000:.0f} ms apart), median of {args.rounds} rounds:")
         print(f"  direct  p50 {d50:.2f} ms  p99 {d99:.2f} ms")
         print(f"  gateway p50 {g50:.2f} ms  p99 {g99:.2f} ms")
         print(f"  added   p50 {g50 - d50:.2f} ms  p99 {g99 - d99:.2f} ms")
-        print(f"RSS: gateway {before / 1024:.1f} MB warm, {during / 1024:.1f} MB with {args.idle} open idle "
-              f"streams -> {(during - before) / args.idle:.1f} KB per stream")
+        if args.workers == 1:
+            print(f"RSS: gateway {before / 1024:.1f} MB warm, {during / 1024:.1f} MB with {args.idle} open idle "
+                  f"streams -> {(during - before) / args.idle:.1f} KB per stream")
     finally:
         for p in (gateway, fake):
             p.terminate()
@@ -166,6 +175,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--itl", type=float, default=0.02, help="provider seconds between tokens")
+    parser.add_argument("--workers", type=int, default=1, help="gateway workers (RSS is measured with 1 only)")
     trio.run(main_async, parser.parse_args())
 
 

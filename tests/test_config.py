@@ -71,10 +71,9 @@ def test_exact_names_win_over_globs_then_first_glob_in_file_order(tmp_path):
     assert config.route("gpt-4.1").name == "gpt-*"
     assert config.route("claude").name == "*"
     from proxy.router import Router
-    router = Router(config)
-    assert router.pick("gpt-4.1").model == "gpt-4.1"  # a glob without model forwards the name
-    assert router.pick("claude").model == "gpt-4o-mini"
-    assert router.model_names() == ["gpt-4o"]
+    assert config.route("gpt-4.1").deployments[0].model == ""  # a glob without model forwards the name
+    assert config.route("claude").deployments[0].model == "gpt-4o-mini"
+    assert Router(config).model_names() == ["gpt-4o"]
 
 
 @pytest.mark.parametrize("path, value, key, expected", [
@@ -131,3 +130,19 @@ def test_cli_fails_at_start_with_the_key_named(tmp_path):
     assert result.returncode == 2
     assert "server.stream_buffer" in result.stderr and "'lots'" in result.stderr
     assert "expected an integer" in result.stderr
+
+
+def test_the_readme_configuration_example_parses(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    for name in ("cert.pem", "key.pem"):  # the example names TLS files: make them exist
+        (tmp_path / name).write_text("placeholder")
+    block = block.replace('"cert.pem"', f'"{tmp_path / "cert.pem"}"').replace('"key.pem"', f'"{tmp_path / "key.pem"}"')
+    path = tmp_path / "gateway.toml"
+    path.write_text(block)
+    config = load_config(str(path))
+    assert config.route("gpt-4o").fallbacks == ("gpt-4o-mini",)
+    assert config.router.ttft_timeout == 2.0

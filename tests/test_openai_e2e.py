@@ -122,3 +122,20 @@ async def test_mid_stream_failure_raises_in_the_sdk(gw):
 
     with pytest.raises(openai.APIError):
         await trio.to_thread.run_sync(call)
+
+
+async def test_each_request_logs_one_line_with_its_outcome_and_no_secrets(gw, http, caplog):
+    caplog.set_level("INFO", logger="proxy")
+    response = await http.post(gw.v1 + "/chat/completions", json=chat_body(stream=True))
+    assert parse_sse(response.content)[-1] == b"[DONE]"
+    async with http.stream("POST", gw.v1 + "/chat/completions",
+                           json=chat_body('fake: {"tokens": 1000, "itl": 0.01}', stream=True)) as r:
+        async for _ in r.aiter_raw():
+            break  # leave mid-stream
+    with trio.fail_after(5):
+        while len([r for r in caplog.records if r.name == "proxy.chat"]) < 2:
+            await trio.sleep(0.01)
+    first, second = [r.getMessage() for r in caplog.records if r.name == "proxy.chat"]
+    assert "outcome=ok" in first and "deployment=fake/gpt-4o" in first
+    assert "outcome=client_disconnected" in second
+    assert MASTER_KEY not in caplog.text and PROVIDER_KEY not in caplog.text

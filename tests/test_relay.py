@@ -255,3 +255,24 @@ async def test_abort_ends_the_stream_with_the_given_error(autojump_clock):
     assert client.body.startswith(event(0))
     assert b"server_shutting_down" in client.body
     assert b"[DONE]" not in client.body
+
+
+async def test_the_disconnect_that_follows_a_finished_response_is_not_a_client_leaving():
+    client = FakeClient()
+    original_send = client.send
+
+    async def send_then_close(message):  # hypercorn reports the end of a response as a disconnect
+        await original_send(message)
+        if message.get("more_body") is False:
+            await client.disconnect()
+
+    client.send = send_then_close
+
+    async def produce(channel):
+        await channel.send(event(0))
+        await channel.send(DONE)
+
+    relay = Relay(client.send, client.receive, write_timeout=10.0, buffer=4, keepalive_interval=15.0)
+    await relay.run(produce)
+    assert not relay.disconnected and relay.failure is None
+    assert client.body == event(0) + DONE

@@ -3,7 +3,20 @@
 An adapter turns the canonical request (OpenAI-shaped, `proxy.chat_request.ChatRequest`) into a
 `WireRequest`, and the provider's bytes back into canonical chunks, completions and errors. It does
 no I/O: `proxy/upstream.py` is the only module that talks to the network. That keeps adapters
-testable byte by byte and lets one contract test suite run over all of them.
+testable byte by byte and lets one contract test suite (tests/test_providers_contract.py) run
+over all of them.
+
+Canonical usage (in a chunk's or a completion's `usage`) is OpenAI's shape plus one field:
+
+    {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C,
+     "prompt_tokens_details": {"cached_tokens": R, "cache_write_tokens": W}}
+
+`prompt_tokens` counts every input token, read from cache (R) or written to it (W) included, as
+OpenAI counts them; `cache_write_tokens` is ours (Anthropic's `cache_creation_input_tokens`;
+OpenAI has no such count). `/v1/messages` turns it back into Anthropic's fields, where
+`input_tokens = P - R - W`.
+
+Kinds: openai / openai-compatible (`openai.py`), anthropic (`anthropic.py`), ollama (`ollama.py`).
 """
 
 from __future__ import annotations
@@ -24,9 +37,35 @@ class WireRequest:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """An Anthropic SSE event passed through unchanged (client and provider both speak Anthropic).
+
+    `usage` is the canonical usage known after this event (for logs), or None if it changed nothing.
+    """
+
+    event: str
+    data: bytes
+    usage: dict[str, Any] | None = None
+
+
 # A canonical stream chunk: an OpenAI chat.completion.chunk, either as a dict or, when the
-# provider already wrote that shape, as its raw JSON bytes (forwarded without a JSON round trip).
-Chunk = bytes | dict[str, Any]
+# provider already wrote that shape, as its raw JSON bytes (forwarded without a JSON round trip);
+# or a RawEvent on the Anthropic passthrough path (only /v1/messages ever sees those).
+Chunk = bytes | dict[str, Any] | RawEvent
+
+# Key of a canonical completion that also carries the provider's own Anthropic message
+# (passthrough, non-streaming): /v1/messages answers with it as-is. Never reaches OpenAI clients.
+ANTHROPIC_MESSAGE = "x_anthropic_message"
+
+
+def usage(prompt: int, completion: int, cached: int = 0, cache_write: int = 0) -> dict[str, Any]:
+    """The canonical usage object (see the module docstring)."""
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if cached or cache_write:
+        out["prompt_tokens_details"] = {"cached_tokens": cached, "cache_write_tokens": cache_write}
+    return out
 
 
 class StreamParser(Protocol):
@@ -47,19 +86,39 @@ class StreamParser(Protocol):
 
 
 class ProviderAdapter(Protocol):
+    """`request`, where passed to the parsers, is the request being answered: the Anthropic
+    adapter needs it to know a passthrough (RawEvents out), the tool validator its schemas."""
+
     name: str
 
     def chat_request(self, request: ChatRequest, model: str) -> WireRequest: ...
 
-    def stream_parser(self, max_event_bytes: int) -> StreamParser: ...
+    def stream_parser(self, max_event_bytes: int, request: ChatRequest | None = None) -> StreamParser: ...
 
-    def parse_completion(self, body: bytes) -> dict[str, Any]: ...
+    def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]: ...
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError: ...
 
+    def embeddings_request(self, body: dict[str, Any], model: str) -> WireRequest:
+        """Raises InvalidRequest if the provider kind serves no embeddings."""
+        ...
+
+    def parse_embeddings(self, body: bytes) -> dict[str, Any]: ...
+
+
+def redact(error: GatewayError, secret: str | None) -> GatewayError:
+    """A provider may echo the key it was sent (in an auth error): never pass it on."""
+    if secret and secret in error.message:
+        error.message = error.message.replace(secret, "***")
+        error.args = (error.message,)
+    return error
+
 
 def make_adapter(config: ProviderConfig, api_key: str | None) -> ProviderAdapter:
-    from . import openai
+    from ..tool_args import ValidatingAdapter
+    from . import anthropic, ollama, openai
 
-    adapters = {"openai": openai.OpenAIAdapter}
-    return adapters[config.kind](config, api_key)
+    adapters = {"openai": openai.OpenAIAdapter, "openai-compatible": openai.OpenAIAdapter,
+                "anthropic": anthropic.AnthropicAdapter, "ollama": ollama.OllamaAdapter}
+    adapter = adapters[config.kind](config, api_key)
+    return ValidatingAdapter(adapter) if config.tool_arguments == "validate" else adapter

@@ -1,5 +1,9 @@
 """OpenAI Chat Completions (and any server that speaks it): the identity translation.
 
+Kinds `openai` and `openai-compatible` (vLLM, Together, Groq, Azure OpenAI, ...). Variants are
+config, not code: extra `headers`, the key in another header (`api_key_header = "api-key"` for
+Azure) and an `api_version` query parameter (Azure's `api-version`). Embeddings pass through too.
+
 The canonical shape is OpenAI's, so requests pass through with the deployment's model name and
 the provider's key; streams are parsed only as far as the gateway needs (errors, the end marker,
 usage). Rules: the client's own Authorization never goes upstream; for streams we always ask the
@@ -10,6 +14,7 @@ not ask for it.
 from __future__ import annotations
 
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import orjson
 
@@ -17,16 +22,23 @@ from ..chat_request import ChatRequest
 from ..config import ProviderConfig
 from ..errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from ..sse import SSEDecoder, SSEError
-from . import WireRequest
+from . import WireRequest, redact
 
 
 class OpenAIAdapter:
     def __init__(self, config: ProviderConfig, api_key: str | None):
         self.name = config.name
-        self._url = config.base_url + "/chat/completions"
-        self._headers = [("content-type", "application/json"), ("accept", "application/json")]
+        self._key = api_key  # only to redact it from provider error messages
+        query = f"?api-version={quote(config.api_version)}" if config.api_version else ""
+        self._url = config.base_url + "/chat/completions" + query
+        self._embeddings_url = config.base_url + "/embeddings" + query
+        self._headers = [("content-type", "application/json"), ("accept", "application/json"),
+                         *config.headers]
         if api_key:
-            self._headers.append(("authorization", f"Bearer {api_key}"))
+            if config.api_key_header in (None, "authorization"):
+                self._headers.append(("authorization", f"Bearer {api_key}"))
+            else:
+                self._headers.append((config.api_key_header, api_key))
 
     def chat_request(self, request: ChatRequest, model: str) -> WireRequest:
         body = dict(request.body, model=model)
@@ -34,10 +46,11 @@ class OpenAIAdapter:
             body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
         return WireRequest("POST", self._url, self._headers, orjson.dumps(body))
 
-    def stream_parser(self, max_event_bytes: int) -> "OpenAIStreamParser":
+    def stream_parser(self, max_event_bytes: int, request: ChatRequest | None = None
+                      ) -> "OpenAIStreamParser":
         return OpenAIStreamParser(self.name, max_event_bytes)
 
-    def parse_completion(self, body: bytes) -> dict[str, Any]:
+    def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]:
         try:
             completion = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -47,7 +60,22 @@ class OpenAIAdapter:
         return completion
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
+        return redact(self._parse_error(status, headers, body), self._key)
+
+    def _parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         return error_from_body(self.name, status, headers.get("retry-after"), body)
+
+    def embeddings_request(self, body: dict[str, Any], model: str) -> WireRequest:
+        return WireRequest("POST", self._embeddings_url, self._headers, orjson.dumps(dict(body, model=model)))
+
+    def parse_embeddings(self, body: bytes) -> dict[str, Any]:
+        try:
+            result = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
+        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
+            raise UpstreamError(f"provider {self.name} returned embeddings without data")
+        return result
 
 
 def error_from_body(provider: str, status: int, retry_after: str | None, body: bytes) -> GatewayError:
@@ -74,8 +102,9 @@ def error_from_body(provider: str, status: int, retry_after: str | None, body: b
 class OpenAIStreamParser:
     """OpenAI SSE -> canonical chunks, as raw JSON bytes (the canonical shape already).
 
-    Hot path: a chunk is parsed only when a cheap byte check says it may carry an error; the
-    rest are forwarded as the provider wrote them (no JSON round trip per token).
+    Hot path: a chunk is parsed only when a cheap byte check says it may carry an error or be
+    malformed (not `{...}`); the rest are forwarded as the provider wrote them (no JSON round trip
+    per token).
     """
 
     def __init__(self, provider: str, max_event_bytes: int):
@@ -93,7 +122,17 @@ class OpenAIStreamParser:
             return []
 
     def close(self) -> list[bytes]:
-        chunks = self._chunks(self._sse.close())
+        events = self._sse.close()
+        # An event without its blank line is the tail of a cut stream: parse it (rare, so cheap)
+        # rather than forward a truncated JSON chunk as if it were whole.
+        for event in events:
+            if event.data != b"[DONE]":
+                try:
+                    orjson.loads(event.data)
+                except orjson.JSONDecodeError:
+                    self.failed = UpstreamError(f"provider {self._provider} sent an event that is not JSON")
+                    return []
+        chunks = self._chunks(events)
         # Some compatible servers omit [DONE] after a finished choice; a stream with neither was cut.
         if self.failed is None and not (self._done or self._finished):
             self.failed = UpstreamError(f"provider {self._provider} ended the stream before it was complete")
@@ -107,7 +146,8 @@ class OpenAIStreamParser:
             data = event.data
             if data == b"[DONE]":
                 self._done = True
-            elif (event.event == "error" or b'"error"' in data or not data.startswith(b"{")) \
+            elif (event.event == "error" or b'"error"' in data or not data.startswith(b"{")
+                  or not data.endswith(b"}")) \
                     and (error := self._error(data)) is not None:
                 self.failed = error
             else:

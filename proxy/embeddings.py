@@ -1,0 +1,78 @@
+"""POST /v1/embeddings: OpenAI's embeddings API, to OpenAI-compatible and Ollama deployments.
+
+A plain JSON call (no stream): validate the body, pick a deployment, let the adapter shape the
+request (`embeddings_request`) and the answer (`parse_embeddings`: always OpenAI's list shape),
+one `proxy.upstream` request in between, raced against the client's disconnect. An Anthropic
+deployment has no embeddings: 400 naming the provider. One attempt, on the route's first
+deployment with weight > 0 (embeddings are cheap and deterministic: no failover loop here yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .chat import _until_disconnect
+from .dispatch import Served
+from .errors import InvalidRequest
+from .relay import Receive, Send
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("proxy.embeddings")
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidRequest(message, param=param)
+
+
+def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    _check(isinstance(body, dict), "request body must be a JSON object", "body")
+    _check(isinstance(body.get("model"), str) and body["model"] != "", "'model' must be a non-empty string",
+           "model")
+    value = body.get("input")
+    ok = isinstance(value, str) and value != "" or isinstance(value, list) and len(value) > 0 and (
+        all(isinstance(v, str) and v for v in value) or all(isinstance(v, int) for v in value)
+        or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value))
+    _check(ok, "'input' must be a non-empty string, array of strings, or array of token arrays", "input")
+    fmt = body.get("encoding_format")
+    _check(fmt in (None, "float", "base64"), "'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dims = body.get("dimensions")
+    _check(dims is None or isinstance(dims, int) and not isinstance(dims, bool) and dims >= 1,
+           "'dimensions' must be a positive integer", "dimensions")
+    return body
+
+
+async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) -> None:
+    from .app import ClientGone, send_json
+
+    request = parse_embeddings_request(body)
+    started = time.perf_counter()
+    route = gateway.router.check_model(request["model"])  # 404 before any work
+    deployment = next(d for d in route.deployments if d.weight > 0)
+    adapter = gateway.adapters[deployment.provider]
+    model = deployment.model or request["model"]
+    served = Served(provider=adapter.name, model=model, attempts=1)
+    served.deployment = getattr(deployment, "name", f"{adapter.name}/{model}")
+    wire = adapter.embeddings_request(request, model)  # 400 for a kind without embeddings
+
+    async def call() -> dict[str, Any]:
+        return adapter.parse_embeddings(await gateway.upstream.request(adapter, wire))
+
+    result = await _until_disconnect(receive, call)
+    if result is None:
+        raise ClientGone()
+    result["model"] = request["model"]
+    await send_json(send, 200, result, served.headers())
+    log.info("embeddings model=%s deployment=%s/%s inputs=%d prompt_tokens=%s ms=%.1f", request["model"],
+             served.provider, served.model, len(result.get("data") or ()),
+             (result.get("usage") or {}).get("prompt_tokens", "-"), (time.perf_counter() - started) * 1000)

@@ -1,0 +1,333 @@
+"""The retry/failover loop with scripted providers and the autojump clock: exact times.
+
+The upstream here is a stand-in (no sockets: the autojump clock would jump over real I/O);
+`tests/test_routing_e2e.py` runs the same paths through real sockets and fake providers.
+"""
+
+import contextlib
+import random
+from types import SimpleNamespace
+
+import orjson
+import pytest
+import trio
+
+from proxy import dispatch
+from proxy.chat_request import parse_chat_request
+from proxy.config import parse_config
+from proxy.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError, UpstreamTimeout
+from proxy.providers import make_adapter
+from proxy.retry_policy import NoHealthyDeployment, Saturated, backoff
+from proxy.router import Router
+
+COMPLETION = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]})
+
+
+def sse(*chunks) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+
+
+ROLE = sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+TOKEN = sse({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+END = sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n"
+
+
+class Body:
+    def __init__(self, script):
+        self._script = list(script)  # [(delay, bytes | exception)]
+
+    async def next(self) -> bytes:
+        if not self._script:
+            return b""
+        delay, item = self._script.pop(0)
+        await trio.sleep(delay)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class ScriptedUpstream:
+    """behaviours[provider] is a list consumed one per call: an exception, bytes, or a Body."""
+
+    def __init__(self, **behaviours):
+        self.behaviours = {k: list(v) for k, v in behaviours.items()}
+        self.calls: list[tuple[float, str]] = []
+
+    def _next(self, name):
+        self.calls.append((trio.current_time(), name))
+        script = self.behaviours[name]
+        return script.pop(0) if len(script) > 1 else script[0]
+
+    async def request(self, adapter, wire):
+        item = self._next(adapter.name)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    @contextlib.asynccontextmanager
+    async def stream(self, adapter, wire):
+        item = self._next(adapter.name)
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def gateway(upstream, *, router=None, models=None, providers=("p1", "p2")):
+    config = parse_config({
+        "router": router or {},
+        "providers": {p: {"kind": "openai", "base_url": f"http://{p}.invalid/v1"} for p in providers},
+        "models": models or {"m": {"deployments": [{"provider": "p1", "model": "a"},
+                                                   {"provider": "p2", "model": "b"}]}},
+    })
+    return SimpleNamespace(
+        config=config, upstream=upstream,
+        router=Router(config, rng=random.Random(1), environ={}),
+        adapters={name: make_adapter(p, None) for name, p in config.providers.items()})
+
+
+def request(stream=False, model="m"):
+    return parse_chat_request(orjson.dumps({"model": model, "stream": stream,
+                                            "messages": [{"role": "user", "content": "x"}]}))
+
+
+def err(status, **kw):
+    if status == 429:
+        return UpstreamRateLimited("limited", **kw)
+    return UpstreamStatusError(f"status {status}", status=status)
+
+
+PRIMARY_FIRST = {"m": {"deployments": [{"provider": "p1", "model": "a", "priority": 0},
+                                       {"provider": "p2", "model": "b", "priority": 1}]}}
+
+
+async def test_retry_waits_a_full_jitter_backoff_then_tries_another_deployment(autojump_clock):
+    up = ScriptedUpstream(p1=[err(503)], p2=[COMPLETION])
+    gw = gateway(up, router={"backoff_initial": 0.5, "backoff_max": 8}, models=PRIMARY_FIRST)
+    served = dispatch.Served()
+    result = await dispatch.complete(gw, request(), served)
+    assert result["choices"][0]["message"]["content"] == "hi"
+    rng = random.Random(1)  # the router's: one draw picked p1, the next is the backoff
+    rng.random()
+    expected = backoff(0, 0.5, 8, rng)
+    assert up.calls == [(0.0, "p1"), (pytest.approx(expected), "p2")]
+    assert served.attempts == 2 and served.deployment == "p2/b" and not served.fallback
+
+
+async def test_retry_after_within_the_limit_is_honoured_exactly(autojump_clock):
+    up = ScriptedUpstream(p1=[err(429, retry_after="2"), COMPLETION])
+    gw = gateway(up, models={"m": {"deployments": [{"provider": "p1", "model": "a"}]}})
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls == [(0.0, "p1"), (2.0, "p1")]
+
+
+async def test_retry_after_beyond_the_limit_fails_over_at_once_and_cools_the_deployment(autojump_clock):
+    up = ScriptedUpstream(p1=[err(429, retry_after="30")], p2=[COMPLETION])
+    gw = gateway(up, router={"retry_after_max": 5}, models=PRIMARY_FIRST)
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls == [(0.0, "p1"), (0.0, "p2")]
+    await trio.sleep(29)
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls[-1] == (29.0, "p2")  # p1 still cooling
+    await trio.sleep(1)
+    up.behaviours["p1"] = [COMPLETION]
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls[-1] == (30.0, "p1")
+
+
+async def test_401_opens_the_breaker_at_once_and_a_probe_follows_the_cooldown(autojump_clock):
+    up = ScriptedUpstream(p1=[err(401)], p2=[COMPLETION])
+    gw = gateway(up, router={"breaker_cooldown": 30}, models=PRIMARY_FIRST)
+    served = dispatch.Served()
+    await dispatch.complete(gw, request(), served)
+    assert up.calls == [(0.0, "p1"), (0.0, "p2")]  # no retry of p1, no backoff
+    assert gw.router.states["p1/a"].breaker.state == "open"
+    await trio.sleep(29.9)
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls[-1] == (29.9, "p2")
+    await trio.sleep(0.1)
+    up.behaviours["p1"] = [COMPLETION]
+    await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls[-1] == (30.0, "p1")  # half-open probe succeeded
+    assert gw.router.states["p1/a"].breaker.state == "closed"
+
+
+async def test_400_goes_back_at_once(autojump_clock):
+    up = ScriptedUpstream(p1=[err(400)], p2=[COMPLETION])
+    gw = gateway(up, models=PRIMARY_FIRST)
+    with pytest.raises(UpstreamStatusError) as info:
+        await dispatch.complete(gw, request(), dispatch.Served())
+    assert info.value.status == 400
+    assert up.calls == [(0.0, "p1")]
+
+
+async def test_retries_exhausted_then_fallback_model(autojump_clock):
+    up = ScriptedUpstream(p1=[err(503)], p2=[COMPLETION])
+    models = {"m": {"deployments": [{"provider": "p1", "model": "a"}], "fallbacks": ["backup"]},
+              "backup": {"deployments": [{"provider": "p2", "model": "b"}]}}
+    gw = gateway(up, router={"retries": 2, "backoff_initial": 1, "backoff_max": 1}, models=models)
+    served = dispatch.Served()
+    await dispatch.complete(gw, request(), served)
+    assert [name for _, name in up.calls] == ["p1", "p1", "p1", "p2"]
+    assert served.fallback and served.deployment == "p2/b" and served.attempts == 4
+
+
+async def test_context_length_error_goes_to_the_context_window_fallback(autojump_clock):
+    too_long = UpstreamStatusError("too long", status=400, code="context_length_exceeded")
+    up = ScriptedUpstream(p1=[too_long], p2=[COMPLETION])
+    models = {"m": {"deployments": [{"provider": "p1", "model": "small"}],
+                    "context_window_fallback": "big"},
+              "big": {"deployments": [{"provider": "p2", "model": "large"}]}}
+    served = dispatch.Served()
+    await dispatch.complete(gateway(up, models=models), request(), served)
+    assert served.deployment == "p2/large" and served.fallback
+
+
+async def test_all_breakers_open_is_503_with_retry_after(autojump_clock):
+    up = ScriptedUpstream(p1=[err(401)], p2=[err(403)])
+    gw = gateway(up, router={"breaker_cooldown": 30})
+    with pytest.raises(UpstreamStatusError):
+        await dispatch.complete(gw, request(), dispatch.Served())
+    await trio.sleep(10)
+    with pytest.raises(NoHealthyDeployment) as info:
+        await dispatch.complete(gw, request(), dispatch.Served())
+    assert info.value.status == 503
+    assert dict(info.value.headers())[b"retry-after"] == b"20"
+
+
+async def test_request_timeout_bounds_retries(autojump_clock):
+    up = ScriptedUpstream(p1=[err(503)], p2=[err(503)])
+    gw = gateway(up, router={"retries": 100, "backoff_initial": 1, "backoff_max": 1,
+                             "request_timeout": 5, "breaker_failures": 1000})
+    with pytest.raises(UpstreamTimeout, match="request_timeout"):
+        await dispatch.complete(gw, request(), dispatch.Served())
+    assert trio.current_time() == 5.0
+
+
+async def test_ttft_timeout_fails_over_before_any_byte(autojump_clock):
+    slow = Body([(0, ROLE), (3.0, TOKEN), (0, END)])
+    fast = Body([(0, ROLE), (0.5, TOKEN), (0, END)])
+    up = ScriptedUpstream(p1=[slow], p2=[fast])
+    gw = gateway(up, router={"ttft_timeout": 2.0}, models=PRIMARY_FIRST)
+    emitted = []
+
+    async def emit(chunks):
+        emitted.append((trio.current_time(), chunks))
+
+    served = dispatch.Served()
+    await dispatch.stream(gw, request(stream=True), emit, served)
+    assert up.calls == [(0.0, "p1"), (2.0, "p2")]
+    assert emitted[0][0] == 2.5  # role chunk held back until the first token, then both at once
+    assert b'"role"' in emitted[0][1][0] and b'"Hi"' in emitted[0][1][1]
+    assert served.deployment == "p2/b"
+
+
+async def test_ttft_timeout_per_deployment_overrides_model_and_router(autojump_clock):
+    models = {"m": {"ttft_timeout": 5, "deployments": [
+        {"provider": "p1", "model": "a", "priority": 0, "ttft_timeout": 1},
+        {"provider": "p2", "model": "b", "priority": 1}]}}
+    up = ScriptedUpstream(p1=[Body([(0, ROLE), (1.5, TOKEN), (0, END)])],
+                          p2=[Body([(0, ROLE), (4.5, TOKEN), (0, END)])])
+    gw = gateway(up, router={"ttft_timeout": 0.1}, models=models)
+    await dispatch.stream(gw, request(stream=True), _sink, dispatch.Served())
+    assert up.calls == [(0.0, "p1"), (1.0, "p2")]  # p1 gave up at 1 s; p2 had 5 s and needed 4.5
+
+
+async def _sink(chunks):
+    pass
+
+
+async def test_failure_after_the_first_token_is_not_retried(autojump_clock):
+    broken = Body([(0, ROLE), (0.1, TOKEN), (0.1, UpstreamError("provider p1: reset"))])
+    up = ScriptedUpstream(p1=[broken], p2=[Body([(0, ROLE), (0, TOKEN), (0, END)])])
+    gw = gateway(up, models=PRIMARY_FIRST)
+    emitted = []
+
+    async def emit(chunks):
+        emitted.extend(chunks)
+
+    served = dispatch.Served()
+    with pytest.raises(UpstreamError, match="reset"):
+        await dispatch.stream(gw, request(stream=True), emit, served)
+    assert [name for _, name in up.calls] == ["p1"] and served.committed
+    assert len(emitted) == 2  # role + token reached the client; no silent switch
+
+
+async def test_weights_nine_to_one_over_a_thousand_picks():
+    gw = gateway(ScriptedUpstream(), models={"m": {"deployments": [
+        {"provider": "p1", "model": "a", "weight": 9}, {"provider": "p2", "model": "b", "weight": 1}]}})
+    route = gw.router.check_model("m")
+    picks = [gw.router.choose(route, 0.0, excluded=set(), tried=set()).name for _ in range(1000)]
+    assert 860 <= picks.count("p1/a") <= 940  # 900 +- 4 sigma
+
+
+async def test_priority_moves_on_only_when_the_first_group_is_exhausted():
+    gw = gateway(ScriptedUpstream(), models=PRIMARY_FIRST)
+    route = gw.router.check_model("m")
+    assert {gw.router.choose(route, 0.0, excluded=set(), tried=set()).name for _ in range(50)} == {"p1/a"}
+    assert gw.router.choose(route, 0.0, excluded={"p1/a"}, tried=set()).name == "p2/b"
+    assert gw.router.choose(route, 0.0, excluded={"p1/a", "p2/b"}, tried=set()) is None
+
+
+async def test_saturated_deployment_waits_queue_timeout_then_moves_on(autojump_clock):
+    models = {"m": {"deployments": [{"provider": "p1", "model": "a", "max_concurrency": 1, "priority": 0},
+                                    {"provider": "p2", "model": "b", "priority": 1}]}}
+    hold = Body([(0, ROLE), (10, TOKEN), (0, END)])
+    up = ScriptedUpstream(p1=[hold], p2=[COMPLETION])
+    gw = gateway(up, router={"queue_timeout": 0.5}, models=models)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatch.stream, gw, request(stream=True), _sink, dispatch.Served())
+        await trio.sleep(1)
+        served = dispatch.Served()
+        await dispatch.complete(gw, request(), served)
+        assert served.deployment == "p2/b" and trio.current_time() == 1.5
+
+
+async def test_saturated_with_nowhere_else_is_429(autojump_clock):
+    models = {"m": {"deployments": [{"provider": "p1", "model": "a", "max_concurrency": 1}]}}
+    up = ScriptedUpstream(p1=[Body([(0, ROLE), (10, TOKEN), (0, END)])])
+    gw = gateway(up, router={"queue_timeout": 0.5}, models=models)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatch.stream, gw, request(stream=True), _sink, dispatch.Served())
+        await trio.sleep(1)
+        with pytest.raises(Saturated) as info:
+            await dispatch.complete(gw, request(), dispatch.Served())
+        assert info.value.status == 429 and dict(info.value.headers())[b"retry-after"] == b"1"
+
+
+async def test_bypass_goes_straight_to_the_first_deployment_once(autojump_clock):
+    up = ScriptedUpstream(p1=[err(503)], p2=[COMPLETION])
+    gw = gateway(up, models=PRIMARY_FIRST)
+    gw.router.bypass = True
+    with pytest.raises(UpstreamStatusError):
+        await dispatch.complete(gw, request(), dispatch.Served())
+    assert up.calls == [(0.0, "p1")]
+    assert gw.router.states["p1/a"].breaker.consecutive_failures == 0  # breaker out of the way
+
+
+def test_bypass_from_the_environment():
+    config = gateway(ScriptedUpstream()).config
+    assert Router(config, environ={"BYPASS_ROUTER": "true"}).bypass
+    assert not Router(config, environ={"BYPASS_ROUTER": "false"}).bypass
+
+
+async def test_pinned_model_and_deployment_header(autojump_clock):
+    models = {"fast": {"pin": "p2/b", "deployments": [{"provider": "p1", "model": "a"},
+                                                      {"provider": "p2", "model": "b"}]},
+              "m": {"allow_deployment_header": True, "deployments": [{"provider": "p1", "model": "a"},
+                                                                    {"provider": "p2", "model": "b"}]},
+              "closed": {"deployments": [{"provider": "p1", "model": "a"}, {"provider": "p2", "model": "b"}]}}
+    up = ScriptedUpstream(p1=[COMPLETION], p2=[err(503)])
+    gw = gateway(up, models=models)
+    with pytest.raises(UpstreamStatusError):  # pinned: one attempt, no failover
+        await dispatch.complete(gw, request(model="fast"), dispatch.Served())
+    assert up.calls == [(0.0, "p2")]
+    served = dispatch.Served(requested="p1/a")
+    await dispatch.complete(gw, request(model="m"), served)
+    assert served.deployment == "p1/a"
+    with pytest.raises(InvalidRequest):
+        await dispatch.complete(gw, request(model="m"), dispatch.Served(requested="nope"))
+    served = dispatch.Served(requested="p2/b")  # not allowed on "closed": the header is ignored
+    up.behaviours["p2"] = [COMPLETION]
+    await dispatch.complete(gw, request(model="closed"), served)
+    assert served.attempts == 1

@@ -90,7 +90,7 @@ async def stream(gateway: "Gateway", request: ChatRequest, emit: Emit, served: S
                 if parser.failed is not None:
                     raise parser.failed
 
-    await _run(gateway, request, served, attempt)
+    await run(gateway, request.model, served, attempt)
 
 
 async def complete(gateway: "Gateway", request: ChatRequest, served: Served) -> dict[str, Any]:
@@ -101,7 +101,7 @@ async def complete(gateway: "Gateway", request: ChatRequest, served: Served) -> 
         raw = await gateway.upstream.request(adapter, adapter.chat_request(request, model))
         return adapter.parse_completion(raw, request)
 
-    return await _run(gateway, request, served, attempt)
+    return await run(gateway, request.model, served, attempt)
 
 
 def _is_token(chunk: Chunk) -> bool:
@@ -122,25 +122,27 @@ def _is_token(chunk: Chunk) -> bool:
     return False
 
 
-async def _run(gateway: "Gateway", request: ChatRequest, served: Served, attempt: Attempt[T]) -> T:
+async def run(gateway: "Gateway", model: str, served: Served, attempt: Attempt[T]) -> T:
+    """Any call to `model`'s deployments under the routing rules: `attempt(state, model_name,
+    ttft_timeout)` makes one try; this decides which deployments, how often, and when."""
     router = gateway.router
     settings = router.settings
-    route = router.check_model(request.model)
+    route = router.check_model(model)
     pinned = router.pinned(route, served.requested)
     if router.bypass:  # straight to the first deployment: nothing of the router in the way
         state = router.states[route.deployments[0].name]
-        return await _once(gateway, request, served, state, route, attempt, gate=False, track=False)
+        return await _once(gateway, model, served, state, route, attempt, gate=False, track=False)
     if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
-        return await _once(gateway, request, served, pinned, route, attempt, gate=False)
+        return await _once(gateway, model, served, pinned, route, attempt, gate=False)
     try:
         with trio.fail_after(settings.request_timeout):
-            return await _with_failover(gateway, request, served, route, attempt)
+            return await _with_failover(gateway, model, served, route, attempt)
     except trio.TooSlowError:
         raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
                               f"after {served.attempts} attempts") from None
 
 
-async def _with_failover(gateway: "Gateway", request: ChatRequest, served: Served, route: Any,
+async def _with_failover(gateway: "Gateway", requested: str, served: Served, route: Any,
                          attempt: Attempt[T]) -> T:
     router = gateway.router
     settings = router.settings
@@ -156,7 +158,7 @@ async def _with_failover(gateway: "Gateway", request: ChatRequest, served: Serve
             tried.add(state.name)
             served.fallback = index > 0
             try:
-                return await _once(gateway, request, served, state, group, attempt)
+                return await _once(gateway, requested, served, state, group, attempt)
             except GatewayError as error:
                 if served.committed:
                     raise
@@ -193,14 +195,14 @@ async def _with_failover(gateway: "Gateway", request: ChatRequest, served: Serve
                               retry_after=wait, rate_limited=cooling_only)
 
 
-async def _once(gateway: "Gateway", request: ChatRequest, served: Served, state: DeploymentState,
+async def _once(gateway: "Gateway", requested: str, served: Served, state: DeploymentState,
                 route: Any, attempt: Attempt[T], *, gate: bool = True, track: bool = True) -> T:
     """One attempt on one deployment, with admission control and breaker bookkeeping.
 
     gate: the breaker may refuse (half-open admits one probe); track: outcomes feed the breaker.
     """
     router = gateway.router
-    model = state.deployment.model or request.model
+    model = state.deployment.model or requested
     served.attempts += 1
     served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
     await router.admit(state)

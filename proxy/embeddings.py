@@ -3,8 +3,8 @@
 A plain JSON call (no stream): validate the body, pick a deployment, let the adapter shape the
 request (`embeddings_request`) and the answer (`parse_embeddings`: always OpenAI's list shape),
 one `proxy.upstream` request in between, raced against the client's disconnect. An Anthropic
-deployment has no embeddings: 400 naming the provider. One attempt, on the route's first
-deployment with weight > 0 (embeddings are cheap and deterministic: no failover loop here yet).
+deployment has no embeddings: 400 naming the provider. Deployments are chosen, retried and
+failed over by the same loop as chat (`proxy.dispatch.run`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .chat import _until_disconnect
+from . import dispatch
 from .dispatch import Served
 from .errors import InvalidRequest
 from .relay import Receive, Send
+from .router import DeploymentState
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -57,16 +59,16 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) 
 
     request = parse_embeddings_request(body)
     started = time.perf_counter()
-    route = gateway.router.check_model(request["model"])  # 404 before any work
-    deployment = next(d for d in route.deployments if d.weight > 0)
-    adapter = gateway.adapters[deployment.provider]
-    model = deployment.model or request["model"]
-    served = Served(provider=adapter.name, model=model, attempts=1)
-    served.deployment = getattr(deployment, "name", f"{adapter.name}/{model}")
-    wire = adapter.embeddings_request(request, model)  # 400 for a kind without embeddings
+    gateway.router.check_model(request["model"])  # 404 before any work
+    served = Served()
+
+    async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+        adapter = gateway.adapters[state.deployment.provider]
+        wire = adapter.embeddings_request(request, model)  # 400 for a kind without embeddings
+        return adapter.parse_embeddings(await gateway.upstream.request(adapter, wire))
 
     async def call() -> dict[str, Any]:
-        return adapter.parse_embeddings(await gateway.upstream.request(adapter, wire))
+        return await dispatch.run(gateway, request["model"], served, attempt)
 
     result = await _until_disconnect(receive, call)
     if result is None:

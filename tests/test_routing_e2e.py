@@ -162,3 +162,12 @@ async def test_deployment_header_only_where_allowed(pair, http):
     response = await http.post(url + "/chat/completions", json=chat_body(),
                                headers={"x-gateway-deployment": "elsewhere"})
     assert response.status_code == 400
+
+
+async def test_embeddings_fail_over_like_chat(pair, http):
+    url, _ = await pair.start()
+    fail(pair.primary, status=503)
+    response = await http.post(url + "/embeddings", json={"model": "gpt-4o", "input": ["a", "b"]})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-deployment"] == "secondary/gpt-4o"
+    assert len(response.json()["data"]) == 2

@@ -40,6 +40,9 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    # Chunks relayed to the client: the record of a stream that ended before the provider's
+    # usage chunk (abandoned, cut, or failed after the first token) — about one token each.
+    streamed_chunks: int = 0
 
     def update(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -52,7 +55,8 @@ class Usage:
 
     def log_fields(self) -> str:
         return (f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
-                f"cached_tokens={self.cached_tokens} cache_write_tokens={self.cache_write_tokens}")
+                f"cached_tokens={self.cached_tokens} cache_write_tokens={self.cache_write_tokens} "
+                f"streamed_chunks={self.streamed_chunks}")
 
 
 async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, *,
@@ -105,6 +109,7 @@ async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usag
 def _encode(chunks: list[Chunk], request: ChatRequest, usage: Usage) -> bytes:
     """Canonical chunks -> SSE bytes for the client, taking usage out on the way."""
     parts = []
+    usage.streamed_chunks += len(chunks)
     for chunk in chunks:
         if isinstance(chunk, bytes):
             if b'"usage"' not in chunk or b'"usage":null' in chunk:

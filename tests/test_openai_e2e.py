@@ -138,4 +138,6 @@ async def test_each_request_logs_one_line_with_its_outcome_and_no_secrets(gw, ht
     first, second = [r.getMessage() for r in caplog.records if r.name == "proxy.chat"]
     assert "outcome=ok" in first and "deployment=fake/gpt-4o" in first
     assert "outcome=client_disconnected" in second
+    streamed = int(second.split("streamed_chunks=")[1].split()[0])
+    assert 0 < streamed < 1000  # the abandoned stream's partial record
     assert MASTER_KEY not in caplog.text and PROVIDER_KEY not in caplog.text

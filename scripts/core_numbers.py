@@ -6,6 +6,8 @@
    p50/p99 and their difference.
 2. RSS per open idle stream: the gateway's RSS with M streams held open (waiting for a first
    token that takes minutes) minus its RSS after a warm-up, divided by M.
+3. Disconnect: from a client closing a stream to the provider seeing the gateway close the
+   upstream socket.
 
 Both servers run as separate processes on loopback; the client is one trio process on raw
 sockets (h11 framing is not needed: we only look for the first content token in the bytes).
@@ -123,6 +125,43 @@ async def idle_rss(port: int, pid: int, m: int) -> tuple[int, int]:
     return before, during
 
 
+async def disconnect_latency(trials: int) -> list[float]:
+    """ms from the client closing a stream to the provider seeing its upstream socket close.
+
+    The provider runs in this process so both ends read the same trio clock; the gateway is a
+    separate process in between."""
+    from proxy.fake_provider import FakeProvider, FakeSettings
+
+    fake = FakeProvider(FakeSettings(itl=0.05, tokens=10_000))
+    results = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(fake.serve)
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(f'[server]\nport = 0\n[auth]\nmaster_key_env = "CORE_NUMBERS_UNSET_KEY"\n'
+                    f'[providers.fake]\nkind = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+                    f'[models."*"]\ndeployments = [{{ provider = "fake" }}]\n')
+        gateway, line = start([sys.executable, "-m", "proxy", "serve", "--config", f.name])
+        gw_port = int(line.split("http://127.0.0.1:", 1)[1].split()[0].strip(","))
+        try:
+            for _ in range(trials):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw_port)
+                await stream.send_all(request_bytes(gw_port, "hi"))
+                seen = b""
+                while FIRST_CONTENT not in seen.replace(b'"content":""', b""):
+                    seen += await stream.receive_some(65536)
+                record = fake.records[-1]
+                closed_at = trio.current_time()
+                await stream.aclose()
+                await record.closed.wait()
+                results.append((record.ended_at - closed_at) * 1000)
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=40)
+            os.unlink(f.name)
+            nursery.cancel_scope.cancel()
+    return sorted(results)
+
+
 def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     return p, p.stdout.readline()
@@ -160,6 +199,9 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"  direct  p50 {d50:.2f} ms  p99 {d99:.2f} ms")
         print(f"  gateway p50 {g50:.2f} ms  p99 {g99:.2f} ms")
         print(f"  added   p50 {g50 - d50:.2f} ms  p99 {g99 - d99:.2f} ms")
+        closes = await disconnect_latency(20)
+        print(f"client disconnect -> provider sees its socket close: median {statistics.median(closes):.2f} ms, "
+              f"max {closes[-1]:.2f} ms over {len(closes)} streams")
         if args.workers == 1:
             print(f"RSS: gateway {before / 1024:.1f} MB warm, {during / 1024:.1f} MB with {args.idle} open idle "
                   f"streams -> {(during - before) / args.idle:.1f} KB per stream")

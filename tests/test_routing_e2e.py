@@ -10,7 +10,7 @@ import trio
 
 from proxy.app import Gateway
 from proxy.config import parse_config
-from proxy.fake_provider import FakeProvider, FakeSettings
+from proxy.fake_provider import FakeControl, FakeProvider, FakeSettings
 from proxy.server import serve
 
 from .conftest import MASTER_KEY, chat_body, parse_sse
@@ -171,3 +171,25 @@ async def test_embeddings_fail_over_like_chat(pair, http):
     assert response.status_code == 200, response.text
     assert response.headers["x-gateway-deployment"] == "secondary/gpt-4o"
     assert len(response.json()["data"]) == 2
+
+
+async def test_a_burst_of_503s_on_half_the_primarys_requests_never_reaches_clients(pair, http):
+    # 9:1 at one priority, breaker tolerant enough to stay closed: retries alone absorb the burst
+    models = {"gpt-4o": {"deployments": [{"provider": "primary", "weight": 9},
+                                         {"provider": "secondary", "weight": 1}]}}
+    url, gateway = await pair.start(router={"breaker_failures": 1000, "breaker_failure_rate": 1.0},
+                                    models=models)
+    pair.primary.control = FakeControl(fail_percent=50, fail_status=503)
+
+    async def one(stream):
+        response = await http.post(url + "/chat/completions", json=chat_body(stream=stream))
+        assert response.status_code == 200, response.text
+        results.append(response.headers["x-gateway-attempts"])
+
+    results = []
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, i % 2 == 0)
+    assert len(results) == 40 and "2" in results  # some needed their retry, none failed
+    failed = sum(r.status == 503 for r in pair.primary.records)
+    assert failed >= 10

@@ -1,0 +1,236 @@
+"""The benchmark's output: machine and versions, one markdown table per scenario, and the charts.
+
+Rules: every number in a table comes from the results JSON written next to it; "-" means not
+measured (skipped or failed, with the reason in the notes), never zero.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import peers
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _mem_gb() -> str:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.0f} GB"
+    except OSError:
+        pass
+    return "?"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def environment(cache: Path) -> dict[str, str]:
+    try:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        node = "?"
+    return {
+        "machine": f"{os.cpu_count()} cores ({_cpu()}), {_mem_gb()} RAM, Linux {platform.release()}",
+        "python": platform.python_version(),
+        "gateway": f"trio-llm-gateway {_version('trio-llm-gateway')} (trio {_version('trio')}, "
+                   f"hypercorn {_version('hypercorn')}, httpx {_version('httpx')}, h11 {_version('h11')})",
+        "litellm": peers.litellm_version(cache) if peers.litellm_installed(cache) else "not installed",
+        "portkey": (peers.portkey_version(cache) + f", node {node}") if peers.portkey_installed(cache)
+        else "not installed",
+    }
+
+
+def _v(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+SATURATED = 0.9  # cores: a floor (the provider, one Python process) this busy is itself the limit
+
+
+def _floor(rows: list[dict], key: str, match: dict) -> float | None:
+    for r in rows:
+        if r.get("key") == "fake" and all(r.get(k) == v for k, v in match.items()):
+            return r.get(key)
+    return None
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def render(results: dict, charts: list[str]) -> str:
+    rows = results["rows"]
+    env = results["environment"]
+    parts = [
+        f"Date: {results['date']}  ",
+        f"Machine: {env['machine']}  ",
+        f"Python {env['python']}; {env['gateway']}  ",
+        f"LiteLLM {env['litellm']}; Portkey {env['portkey']}  ",
+        f"Command: `{results['command']}`",
+        "",
+        "Target command lines:",
+        "",
+        *[f"- {name}: `{cmd}`" for name, cmd in results["commands"].items()],
+        "",
+    ]
+    if "a" in rows:
+        lines = []
+        for r in rows["a"]:
+            if "failed" in r:
+                lines.append([r["target"], "-", *["-"] * 9, r["failed"][:80]])
+                continue
+            f50 = _floor(rows["a"], "ttft_p50", {"streams": r["streams"]})
+            f99 = _floor(rows["a"], "ttft_p99", {"streams": r["streams"]})
+            add50 = r["ttft_p50"] - f50 if f50 is not None and r["ttft_p50"] is not None else None
+            add99 = r["ttft_p99"] - f99 if f99 is not None and r["ttft_p99"] is not None else None
+            if (_floor(rows["a"], "cores", {"streams": r["streams"]}) or 0) >= SATURATED:
+                add50 = add99 = "n/a (floor saturated)"  # a difference to an overloaded floor means nothing
+            lines.append([r["target"], _v(r["streams"]), _v(r["ttft_p50"]), _v(r["ttft_p99"]),
+                          _v(add50), _v(add99), _v(r["itl_p50"]), _v(r["itl_p99"]),
+                          _v(r["tokens_per_s"], 0), _v(r.get("cores"), 2), _v(r.get("loadgen_cores"), 2),
+                          _v(r["errors"])])
+        parts += ["### a. TTFT at 100 and 1,000 concurrent streams",
+                  "Provider: TTFT 100 ms, 50 tokens 20 ms apart. Closed loop, starts spread over "
+                  "max(1 s, N/500 s), then steady for the measured window. \"Added\" is the target "
+                  "minus the provider measured directly (the floor) in the same run. ms.", "",
+                  _table(["target", "streams", "TTFT p50", "TTFT p99", "added p50", "added p99",
+                          "ITL p50", "ITL p99", "tokens/s", "target cores", "load gen cores", "errors"],
+                         lines), ""]
+        for r in rows["a"]:
+            for kind, what in (r.get("error_kinds") or {}).items():
+                parts.append(f"- {r['target']} at {r['streams']:,} streams, {kind} x {what}")
+        parts.append("")
+    if "b" in rows:
+        lines = [[r["target"], _v(r.get("streams")), _v(r.get("open_peak")), _v(r.get("rss_idle_mb")),
+                  _v(r.get("rss_peak_mb")), _v(r.get("kb_per_stream")),
+                  _v(r.get("errors")) + (f" {r['error_kinds']}" if r.get("error_kinds") else ""),
+                  r.get("failed", "")[:80]] for r in rows["b"]]
+        parts += ["### b. Memory per held stream",
+                  "Streams held open (headers and role chunk sent, first token 10 min away). RSS of "
+                  "the target's process tree; KB per stream = (RSS - idle) / open streams, median "
+                  "over the plateau.", "",
+                  _table(["target", "streams", "open (peak)", "RSS idle MB", "RSS peak MB",
+                          "KB / stream", "errors", "note"], lines), ""]
+    if "c" in rows:
+        lines = [[r["target"], _v(r.get("streams_per_s")), _v(r.get("tokens_per_s"), 0),
+                  _v(r.get("stream_cores"), 2), _v(r.get("loadgen_cores"), 2), _v(r.get("requests_per_s")),
+                  _v(r.get("plain_cores"), 2), _v(r.get("errors")), r.get("failed", "")[:80]] for r in rows["c"]]
+        parts += ["### c. Peak throughput (instant provider, 50 tokens, 100 clients)",
+                  "Cores = target CPU seconds / wall seconds (1.0 = one core busy).", "",
+                  _table(["target", "streams/s", "tokens/s", "target cores", "load gen cores",
+                          "non-stream req/s", "target cores", "errors", "note"], lines), ""]
+    if "d" in rows:
+        lines = [[r["target"], _v(r.get("clients")), _v(r.get("read_rate")), _v(r.get("rss_idle_mb")),
+                  _v(r.get("rss_peak_mb")), _v(r.get("kb_per_stream")), _v(r.get("provider_sent_mb")),
+                  _v(r.get("clients_read_mb")), _v(r.get("in_flight_kb_per_stream")), _v(r.get("errors")),
+                  r.get("failed", "")[:80]] for r in rows["d"]]
+        parts += ["### d. Slow clients (reading at a tenth of the provider's rate)",
+                  "Provider: 1,000-byte tokens every 50 ms (~23 KB/s per stream). In flight = bytes "
+                  "the provider sent minus bytes the clients read (gateway buffers + kernel socket "
+                  "buffers on both hops).", "",
+                  _table(["target", "clients", "read B/s", "RSS idle MB", "RSS peak MB", "KB / stream",
+                          "provider sent MB", "clients read MB", "in flight KB / stream", "errors",
+                          "note"], lines), ""]
+    if "e" in rows:
+        lines = [[r["target"], _v(r.get("stalled")), _v(r.get("upstream_requests")), _v(r.get("hold_s")),
+                  _v(r.get("released_during_hold")),
+                  _v(r.get("release_p50_s"), 2), _v(r.get("release_max_s"), 2), _v(r.get("provider_completed")),
+                  _v(r.get("provider_sent_mb")), _v(r.get("rss_peak_mb")), r.get("failed", "")[:80]]
+                 for r in rows["e"]]
+        parts += ["### e. Stalled clients",
+                  "Each client stops reading after 5 events and holds its socket for the hold time. "
+                  "Release = provider connection end minus the stall moment (seconds).", "",
+                  _table(["target", "stalled", "upstream requests", "hold s", "released during hold", "release p50 s",
+                          "release max s", "provider completed", "provider sent MB", "RSS peak MB",
+                          "note"], lines), ""]
+    if "f" in rows:
+        base = next((r for r in rows["f"] if r.get("processes") == 1), None)
+        lines = []
+        for r in rows["f"]:
+            ratio = (r["tokens_per_s"] / base["tokens_per_s"]) if base and base.get("tokens_per_s") else None
+            lines.append([r["target"], _v(r.get("streams_per_s")), _v(r.get("tokens_per_s"), 0),
+                          _v(r.get("stream_cores"), 2), _v(r.get("requests_per_s")), _v(ratio, 2)])
+        parts += ["### f. Gateway workers: 1 vs 2",
+                  "Scenario c against `serve --workers N` (forked processes sharing one listening "
+                  "socket; the kernel spreads connections). Cores include every worker.", "",
+                  _table(["target", "streams/s", "tokens/s", "cores", "non-stream req/s",
+                          "tokens/s vs 1"], lines), ""]
+    for chart in charts:
+        parts.append(f"![{Path(chart).stem}]({chart})")
+    if results["notes"]:
+        parts += ["", "Notes from this run:", *[f"- {n}" for n in dict.fromkeys(results["notes"])]]
+    return "\n".join(parts)
+
+
+def write_charts(results: dict, folder: Path) -> list[str]:
+    """TTFT CDF per target (scenario a, largest stream count) and KB per held stream (b)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        results["notes"].append("charts skipped: matplotlib is not installed")
+        return []
+    rows = results["rows"]
+    if not rows.get("a") and not rows.get("b"):
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    a = [r for r in rows.get("a", []) if r.get("ttft_cdf")]
+    b = [r for r in rows.get("b", []) if r.get("kb_per_stream") is not None]
+    targets = list(dict.fromkeys(r["target"] for r in a + b))
+    colour = {t: f"C{i}" for i, t in enumerate(targets)}  # one colour per target in every panel
+    counts = sorted({r["streams"] for r in a})[-2:]  # the two largest stream counts
+    fig, axes = plt.subplots(1, len(counts) + 1, figsize=(6 * (len(counts) + 1), 4.5))
+    for ax, n in zip(axes, counts):
+        for r in a:
+            if r["streams"] == n:
+                values = r["ttft_cdf"]
+                ax.plot(values, [i / (len(values) - 1) for i in range(len(values))], label=r["target"],
+                        color=colour[r["target"]])
+        ax.set(title=f"TTFT CDF at {n:,} streams (provider TTFT 100 ms)", xlabel="TTFT ms (log)",
+               ylabel="fraction of requests", xscale="log")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    ax = axes[-1]
+    if b:
+        held = [t for t in targets if any(r["target"] == t for r in b)]
+        sizes = sorted({r["streams"] for r in b})
+        width = 0.8 / len(held)
+        for i, t in enumerate(held):
+            values = [next((r["kb_per_stream"] for r in b if r["target"] == t and r["streams"] == s), 0)
+                      for s in sizes]
+            ax.bar([j + i * width for j in range(len(sizes))], values, width, label=t, color=colour[t])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s:,}" for s in sizes])
+        ax.axhline(20, color="black", linestyle="--", linewidth=1, label="goal: 20 KB")
+        ax.set(title="RSS per held stream", xlabel="held streams", ylabel="KB per stream")
+        ax.legend()
+    fig.tight_layout()
+    path = folder / "bench.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]

@@ -1,0 +1,211 @@
+"""The benchmark scenarios (a-f of the issue), each a function: target in, one result row out.
+
+Rules:
+- The provider's behaviour is set per request by a `fake:` directive in the prompt, so one
+  provider process serves every scenario and every target gets the very same upstream.
+- Every run is bounded: a request count, a duration, or both.
+- Provider-side facts (bytes sent, when a connection ended) come from the fake provider's own
+  records (`GET /_fake/requests`), reset before each scenario. Its timestamps are on its own
+  clock, so only differences between them are used.
+- Sizes come from `Sizes`; `--quick` shrinks them for a smoke run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+import httpx
+import trio
+
+from ..runner import RunResult, run
+from ..stats import percentile
+from ..settings import Behaviour, RunSettings, Sampling, Shape
+from .targets import Running
+
+
+@dataclass(frozen=True)
+class Sizes:
+    ttft_streams: tuple[int, ...] = (100, 1000)
+    ttft_seconds: float = 8.0
+    held_streams: tuple[int, ...] = (1000, 5000, 10000)
+    held_seconds: float = 6.0
+    throughput_concurrency: int = 100
+    throughput_seconds: float = 10.0
+    slow_clients: int = 1000
+    slow_seconds: float = 30.0
+    stalled_clients: int = 100
+    stall_hold: float = 40.0
+    repeat: int = 1
+
+
+QUICK = Sizes(ttft_streams=(100, 300), ttft_seconds=4.0, held_streams=(1000, 3000), held_seconds=4.0,
+              throughput_seconds=5.0, slow_clients=200, slow_seconds=12.0, stalled_clients=30,
+              stall_hold=20.0)
+
+TTFT_PROMPT = 'fake: {"ttft": 0.1, "itl": 0.02, "tokens": 50}'
+HELD_PROMPT = 'fake: {"ttft": 600, "tokens": 1}'
+INSTANT_PROMPT = 'fake: {"ttft": 0, "itl": 0, "tokens": 50}'
+SLOW_TOKEN_BYTES, SLOW_ITL = 1000, 0.05  # ~20 KB/s per stream from the provider
+SLOW_PROMPT = f'fake: {{"tokens": 100000, "itl": {SLOW_ITL}, "token_bytes": {SLOW_TOKEN_BYTES}}}'
+STALL_PROMPT = 'fake: {"tokens": 20000, "itl": 0.002, "token_bytes": 1000}'  # 20 MB, ~40 s
+
+
+class Provider:
+    """The fake provider's control endpoints."""
+
+    def __init__(self, v1: str) -> None:
+        self.base = v1.rsplit("/v1", 1)[0]
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient(timeout=30) as c:
+            (await c.post(self.base + "/_fake/reset")).raise_for_status()
+
+    async def records(self) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.get(self.base + "/_fake/requests")
+            r.raise_for_status()
+            return [x for x in r.json() if x["path"].endswith("/chat/completions")]
+
+
+async def measure(target: Running, prompt: str, shape: Shape, *, behaviour: Behaviour = Behaviour(),
+                  stream: bool = True, sample: bool = True, interval: float = 0.1) -> RunResult:
+    sampling = Sampling(target_pids=target.pids, interval=interval) if sample else Sampling()
+    settings = RunSettings(target=target.load_target(prompt, stream=stream), shape=shape,
+                           behaviour=behaviour, sampling=sampling, progress=False)
+    return await run(settings)
+
+
+def _errors(result: RunResult) -> int:
+    return result.summary.errors
+
+
+def _cores(result: RunResult) -> float | None:
+    s = result.summary
+    return round(s.target_cpu_s / s.duration_s, 2) if s.target_cpu_s is not None and s.duration_s else None
+
+
+async def ttft(target: Running, sizes: Sizes, n: int) -> dict[str, Any]:
+    """a. TTFT (and inter-token gaps) at n concurrent streams; the ramp keeps starts spread."""
+    ramp = max(1.0, n / 500)
+    runs = []
+    for _ in range(sizes.repeat):
+        runs.append(await measure(target, TTFT_PROMPT, Shape(concurrency=n, ramp_up=ramp,
+                                                             duration=ramp + sizes.ttft_seconds)))
+        await trio.sleep(1)
+    s = [r.summary for r in runs]
+    return {
+        "streams": n,
+        "ttft_p50": _median(x.ttft_ms["p50"] for x in s), "ttft_p99": _median(x.ttft_ms["p99"] for x in s),
+        "itl_p50": _median(x.itl_ms["p50"] for x in s), "itl_p99": _median(x.itl_ms["p99"] for x in s),
+        "first_tokens": sum(1 for r in runs for x in r.samples if not math.isnan(x.first_token)),
+        "error_kinds": _error_kinds(s),
+        "requests": sum(x.requests for x in s),
+        "tokens_per_s": median(x.output_tokens_per_s for x in s),
+        "errors": sum(x.errors for x in s), "cores": median(_cores(r) or 0 for r in runs),
+        "loadgen_cores": median(x.loadgen_cores or 0 for x in s),
+        "runs": len(runs), "ttft_cdf": cdf(sorted(v for r in runs for v in _ttfts(r))),
+    }
+
+
+def _error_kinds(summaries) -> dict[str, str]:
+    """Each error kind with its count and one example message."""
+    out: dict[str, str] = {}
+    for x in summaries:
+        for kind, detail in x.error_details.items():
+            out.setdefault(kind, detail[:120])
+    counts = {k: sum(x.outcomes.get(k, 0) for x in summaries) for k in out}
+    return {k: f"{counts[k]}: {v}" for k, v in out.items()}
+
+
+def _median(values) -> float | None:
+    """Median of the runs that measured something (None: no run did)."""
+    present = [v for v in values if v is not None]
+    return median(present) if present else None
+
+
+def cdf(values: list[float], points: int = 201) -> list[float]:
+    """The TTFT distribution as evenly spaced quantiles (for the chart; bounded size in the JSON)."""
+    return [round(percentile(values, 100 * i / (points - 1)), 2) for i in range(points)] if values else []
+
+
+def _ttfts(result: RunResult) -> list[float]:
+    origin = (lambda x: x.scheduled) if result.settings.shape.open_loop else (lambda x: x.sent)
+    return sorted((x.first_token - origin(x)) * 1000 for x in result.samples if not math.isnan(x.first_token))
+
+
+async def held(target: Running, sizes: Sizes, n: int) -> dict[str, Any]:
+    """b. RSS per open stream with n streams held open (headers sent, first token 10 min away)."""
+    ramp = max(1.0, n / 1000)
+    r = await measure(target, HELD_PROMPT, Shape(concurrency=n, requests=n, ramp_up=ramp,
+                                                 duration=ramp + sizes.held_seconds, timeout=600),
+                      interval=0.25)
+    s = r.summary
+    return {"streams": n, "open_peak": s.open_streams_peak, "rss_idle_mb": s.target_rss_mb["idle"],
+            "rss_peak_mb": s.target_rss_mb["peak"], "kb_per_stream": s.kb_per_stream, "errors": s.errors,
+            "error_kinds": {k: v for k, v in s.outcomes.items() if k not in ("ok", "cancelled")},
+            "loadgen_rss_mb": s.loadgen_rss_mb_peak}
+
+
+async def throughput(target: Running, sizes: Sizes) -> dict[str, Any]:
+    """c. Peak rates with an instant provider: streams/s, tokens/s, then non-streaming requests/s."""
+    c, secs = sizes.throughput_concurrency, sizes.throughput_seconds
+    streams, plain = [], []
+    for _ in range(sizes.repeat):
+        streams.append(await measure(target, INSTANT_PROMPT, Shape(concurrency=c, duration=secs)))
+        plain.append(await measure(target, INSTANT_PROMPT, Shape(concurrency=c, duration=secs), stream=False))
+    return {
+        "streams_per_s": median(r.summary.requests_per_s for r in streams),
+        "tokens_per_s": median(r.summary.output_tokens_per_s for r in streams),
+        "stream_cores": median(_cores(r) or 0 for r in streams),
+        "loadgen_cores": median(r.summary.loadgen_cores or 0 for r in streams),
+        "requests_per_s": median(r.summary.requests_per_s for r in plain),
+        "plain_cores": median(_cores(r) or 0 for r in plain),
+        "ttft_p50": _median(r.summary.ttft_ms["p50"] for r in streams),
+        "errors": sum(r.summary.errors for r in streams + plain), "runs": len(streams),
+    }
+
+
+async def slow_clients(target: Running, sizes: Sizes, provider: Provider) -> dict[str, Any]:
+    """d. Clients reading at a tenth of the provider's rate: does memory stay bounded?"""
+    n = sizes.slow_clients
+    provider_rate = (SLOW_TOKEN_BYTES + 150) / SLOW_ITL  # payload bytes/s of one stream, about
+    await provider.reset()
+    r = await measure(target, SLOW_PROMPT, Shape(concurrency=n, requests=n, ramp_up=2.0,
+                                                 duration=2.0 + sizes.slow_seconds, timeout=600),
+                      behaviour=Behaviour(read_rate=provider_rate / 10), interval=0.25)
+    records = await provider.records()
+    sent = sum(x["bytes_sent"] for x in records)
+    read = sum(x.bytes_in for x in r.samples)
+    s = r.summary
+    return {"clients": n, "read_rate": round(provider_rate / 10), "rss_idle_mb": s.target_rss_mb["idle"],
+            "rss_peak_mb": s.target_rss_mb["peak"], "kb_per_stream": s.kb_per_stream,
+            "provider_sent_mb": round(sent / 1e6, 1), "clients_read_mb": round(read / 1e6, 1),
+            "in_flight_kb_per_stream": round((sent - read) / 1e3 / n, 1), "errors": s.errors}
+
+
+async def stalled(target: Running, sizes: Sizes, provider: Provider) -> dict[str, Any]:
+    """e. Clients that stop reading after 5 events and hold the socket: when is upstream released?"""
+    n, hold = sizes.stalled_clients, sizes.stall_hold
+    await provider.reset()
+    r = await measure(target, STALL_PROMPT, Shape(concurrency=n, requests=n, ramp_up=1.0,
+                                                  duration=hold + 5, timeout=600),
+                      behaviour=Behaviour(stall_after=5, hold=hold), interval=0.25)
+    records = await provider.records()
+    stalled_at = [x.stalled_at - x.sent for x in r.samples if not math.isnan(x.stalled_at)]
+    life = [x["ended_at"] - x["started_at"] for x in records if x["ended_at"] is not None]
+    offset = median(stalled_at) if stalled_at else math.nan
+    # Only meaningful one upstream request per client: a target that retries upstream is reported
+    # by its request count instead.
+    released = [t - offset for t in life if t - offset < hold - 0.5] if len(records) == n else []
+    return {
+        "clients": n, "stalled": len(stalled_at), "hold_s": hold, "upstream_requests": len(records),
+        "released_during_hold": len(released),
+        "release_p50_s": round(median(released), 2) if released else None,
+        "release_max_s": round(max(released), 2) if released else None,
+        "provider_completed": sum(1 for x in records if x["completed"]),
+        "provider_sent_mb": round(sum(x["bytes_sent"] for x in records) / 1e6, 1),
+        "rss_peak_mb": r.summary.target_rss_mb["peak"], "errors": r.summary.errors,
+    }

@@ -186,7 +186,8 @@ class Gateway:
 
     async def _messages(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
         body = await read_body(scope, receive, self.config.server.max_body_bytes)
-        await messages.handle(self, body, receive, send, anthropic_beta=header(scope, b"anthropic-beta"))
+        await messages.handle(self, body, receive, send, anthropic_beta=header(scope, b"anthropic-beta"),
+                              requested_deployment=header(scope, b"x-gateway-deployment"))
 
     async def _embeddings(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
         body = await read_body(scope, receive, self.config.server.max_body_bytes)

@@ -21,7 +21,7 @@ from .chat_request import ChatRequest, parse_chat_request
 from .dispatch import Served
 from .errors import GatewayError
 from .providers import Chunk
-from .relay import Receive, Relay, Send
+from .relay import Producer, Receive, Relay, Send
 from .sse import DONE, encode_event
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, 
     if request.stream:
         await _stream(gateway, request, served, usage, receive, send, started)
         return
-    completion = await _until_disconnect(receive, lambda: dispatch.complete(gateway, request, served))
+    completion = await until_disconnect(receive, lambda: dispatch.complete(gateway, request, served))
     if completion is None:
         _log(request, served, "client_disconnected", usage, started)
         raise ClientGone()
@@ -82,8 +82,6 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, 
 
 async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usage: Usage,
                   receive: Receive, send: Send, started: float) -> None:
-    server = gateway.config.server
-
     async def produce(channel: trio.MemorySendChannel) -> None:
         async def emit(chunks: list[Chunk]) -> None:
             # One channel item per upstream read: the events of one read travel together.
@@ -93,17 +91,25 @@ async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usag
         await dispatch.stream(gateway, request, emit, served)
         await channel.send(DONE)
 
+    def done(relay: Relay) -> None:
+        _log(request, served, relay.outcome, usage, started, relay.bytes_written)
+
+    await run_relay(gateway, receive, send, produce, served, done)
+
+
+async def run_relay(gateway: "Gateway", receive: Receive, send: Send, produce: Producer, served: Served,
+                    done: Callable[[Relay], None], **options: Any) -> None:
+    """One streaming response through a Relay configured from [server], counted while open
+    (drain, /healthz); `done(relay)` runs at the end whatever happened (the endpoint's log line)."""
+    server = gateway.config.server
     relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
-                  keepalive_interval=server.keepalive_interval, headers=served.headers)
+                  keepalive_interval=server.keepalive_interval, headers=served.headers, **options)
     gateway.relays.add(relay)
     try:
         await relay.run(produce)
     finally:
         gateway.relays.discard(relay)
-        outcome = ("client_disconnected" if relay.disconnected else
-                   "client_stalled" if relay.stalled else
-                   f"error:{relay.failure.code or relay.failure.type}" if relay.failure else "ok")
-        _log(request, served, outcome, usage, started, relay.bytes_written)
+        done(relay)
 
 
 def _encode(chunks: list[Chunk], request: ChatRequest, usage: Usage) -> bytes:
@@ -126,7 +132,7 @@ def _encode(chunks: list[Chunk], request: ChatRequest, usage: Usage) -> bytes:
     return b"".join(parts)
 
 
-async def _until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T | None:
+async def until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T | None:
     """Run `call` unless the client disconnects first (then cancel it and return None)."""
     result: T | None = None
     error: GatewayError | None = None

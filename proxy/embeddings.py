@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .chat import _until_disconnect
+from .chat import until_disconnect
 from . import dispatch
 from .dispatch import Served
 from .errors import InvalidRequest
@@ -70,7 +70,7 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) 
     async def call() -> dict[str, Any]:
         return await dispatch.run(gateway, request["model"], served, attempt)
 
-    result = await _until_disconnect(receive, call)
+    result = await until_disconnect(receive, call)
     if result is None:
         raise ClientGone()
     result["model"] = request["model"]

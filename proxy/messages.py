@@ -19,7 +19,7 @@ import trio
 
 from . import dispatch
 from .anthropic_format import StreamEncoder, error_event, parse_messages_request, to_message
-from .chat import Usage, _until_disconnect
+from .chat import Usage, run_relay, until_disconnect
 from .chat_request import ChatRequest
 from .dispatch import Served
 from .providers import ANTHROPIC_MESSAGE, Chunk
@@ -32,18 +32,18 @@ log = logging.getLogger("proxy.messages")
 
 
 async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, *,
-                 anthropic_beta: str | None = None) -> None:
+                 anthropic_beta: str | None = None, requested_deployment: str | None = None) -> None:
     from .app import ClientGone, send_json
 
     request = parse_messages_request(body, anthropic_beta)
     gateway.router.check_model(request.model)  # 404 before any work
-    served = Served()
+    served = Served(requested=requested_deployment)
     usage = Usage()
     started = time.perf_counter()
     if request.stream:
         await _stream(gateway, request, served, usage, receive, send, started)
         return
-    completion = await _until_disconnect(receive, lambda: dispatch.complete(gateway, request, served))
+    completion = await until_disconnect(receive, lambda: dispatch.complete(gateway, request, served))
     if completion is None:
         _log(request, served, "client_disconnected", usage, started)
         raise ClientGone()
@@ -57,7 +57,6 @@ async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, 
 
 async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usage: Usage,
                   receive: Receive, send: Send, started: float) -> None:
-    server = gateway.config.server
     encoder = StreamEncoder(request.model)
 
     async def produce(channel: trio.MemorySendChannel) -> None:
@@ -69,19 +68,11 @@ async def _stream(gateway: "Gateway", request: ChatRequest, served: Served, usag
         if out := encoder.finish():
             await channel.send(out)
 
-    relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
-                  keepalive_interval=server.keepalive_interval, headers=served.headers,
-                  error_event=error_event)
-    gateway.relays.add(relay)
-    try:
-        await relay.run(produce)
-    finally:
-        gateway.relays.discard(relay)
+    def done(relay: Relay) -> None:
         usage.update(encoder.usage)
-        outcome = ("client_disconnected" if relay.disconnected else
-                   "client_stalled" if relay.stalled else
-                   f"error:{relay.failure.code or relay.failure.type}" if relay.failure else "ok")
-        _log(request, served, outcome, usage, started, relay.bytes_written)
+        _log(request, served, relay.outcome, usage, started, relay.bytes_written)
+
+    await run_relay(gateway, receive, send, produce, served, done, error_event=error_event)
 
 
 def _log(request: ChatRequest, served: Served, outcome: str, usage: Usage,

@@ -88,6 +88,17 @@ class Relay:
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
 
+    @property
+    def outcome(self) -> str:
+        """How the stream ended, for the log line: ok, client_disconnected, client_stalled, error:CODE."""
+        if self.disconnected:
+            return "client_disconnected"
+        if self.stalled:
+            return "client_stalled"
+        if self.failure is not None:
+            return f"error:{self.failure.code or self.failure.type}"
+        return "ok"
+
     def abort(self, error: GatewayError) -> None:
         """End the stream with `error` (e.g. drain timeout): stop reading, tell the client."""
         self._abort = error

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .chat_request import ChatRequest
+from .chat_request import ChatRequest, load_request_object
 from .errors import GatewayError, InvalidRequest
 from .providers import RawEvent
 from .sse import encode_event
@@ -165,13 +165,8 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
 
 
 def parse_messages_request(raw: bytes, anthropic_beta: str | None = None) -> ChatRequest:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    _check(isinstance(body, dict), "request body must be a JSON object", "body")
-    model = body.get("model")
-    _check(isinstance(model, str) and model != "", "'model' must be a non-empty string", "model")
+    body = load_request_object(raw)
+    model = body["model"]
     _check(_positive_int(body.get("max_tokens")), "'max_tokens' must be a positive integer", "max_tokens")
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty array", "messages")

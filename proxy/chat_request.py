@@ -34,7 +34,8 @@ def _check(ok: bool, message: str, param: str) -> None:
         raise InvalidRequest(message, param=param)
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def load_request_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object with a non-empty string `model` (every endpoint's start)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -42,6 +43,12 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     _check(isinstance(body, dict), "request body must be a JSON object", "body")
     model = body.get("model")
     _check(isinstance(model, str) and model != "", "'model' must be a non-empty string", "model")
+    return body
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    body = load_request_object(raw)
+    model = body["model"]
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0,
            "'messages' must be a non-empty array", "messages")

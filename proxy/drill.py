@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any

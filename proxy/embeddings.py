@@ -13,9 +13,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
 
 from .chat import until_disconnect
+from .chat_request import load_request_object
 from . import dispatch
 from .dispatch import Served
 from .errors import InvalidRequest
@@ -34,13 +34,7 @@ def _check(ok: bool, message: str, param: str) -> None:
 
 
 def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    _check(isinstance(body, dict), "request body must be a JSON object", "body")
-    _check(isinstance(body.get("model"), str) and body["model"] != "", "'model' must be a non-empty string",
-           "model")
+    body = load_request_object(raw)
     value = body.get("input")
     ok = isinstance(value, str) and value != "" or isinstance(value, list) and len(value) > 0 and (
         all(isinstance(v, str) and v for v in value) or all(isinstance(v, int) for v in value)

@@ -75,6 +75,20 @@ def test_sigterm_drains_and_exits_cleanly():
         process.wait()
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (from /proc: no pgrep needed)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def test_workers_share_the_port_and_all_drain_on_sigterm(tmp_path):
     config = tmp_path / "workers.toml"
     config.write_text('[server]\nport = 0\nworkers = 2\n[auth]\nmaster_key_env = "UNSET_FOR_TEST"\n'
@@ -88,10 +102,10 @@ def test_workers_share_the_port_and_all_drain_on_sigterm(tmp_path):
         url = line.split(" on ", 1)[1].split(" ", 1)[0]
         for _ in range(10):  # each connection lands on one worker or the other; all answer
             assert httpx.get(url + "/healthz", timeout=10).json()["status"] == "ok"
+        assert len(processes_mentioning(str(config))) == 3  # the parent and its two workers
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-        leftovers = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout
-        assert leftovers.strip() == ""
+        assert processes_mentioning(str(config)) == []
     finally:
         process.kill()
         process.wait()

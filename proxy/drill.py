@@ -68,8 +68,8 @@ class Drill:
     url: str
     model: str
     primary: str           # deployment name
-    revoke: Any            # () -> None
-    restore: Any           # () -> None
+    revoke: Any            # async () -> None
+    restore: Any           # async () -> None
     concurrency: int
     duration: float
     samples: list[Sample] = field(default_factory=list)
@@ -93,10 +93,10 @@ class Drill:
     async def _script(self, end: float) -> None:
         t0 = self.timeline.start
         await trio.sleep_until(t0 + self.duration / 3)
-        self.revoke()
+        await self.revoke()
         self.timeline.revoked_at = trio.current_time()
         await trio.sleep_until(t0 + 2 * self.duration / 3)
-        self.restore()
+        await self.restore()
         self.timeline.restored_at = trio.current_time()
 
     async def _watch_breaker(self, end: float) -> None:
@@ -193,6 +193,34 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+async def _revocation(gateway: Gateway, provider: Any) -> tuple[Any, Any]:
+    """How to revoke the primary's key from the outside.
+
+    Our fake provider has a control for it (`POST /_fake/control {"revoke_key": true}`); any
+    other provider gets a bogus key from the gateway instead, which it refuses as it would refuse
+    a revoked key."""
+    root = provider.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=5) as client:
+        try:
+            probe = await client.post(root + "/_fake/control", json={"reset": True})
+            is_fake = probe.status_code == 200
+        except httpx.HTTPError:
+            is_fake = False
+    if is_fake:
+        async def control(**settings: Any) -> None:
+            async with httpx.AsyncClient(timeout=5) as client:
+                (await client.post(root + "/_fake/control", json=settings)).raise_for_status()
+
+        return (lambda: control(revoke_key=True)), (lambda: control(reset=True))
+    original = gateway.adapters[provider.name]
+    bogus = make_adapter(provider, "sk-drill-revoked-key")
+
+    async def swap(adapter: Any) -> None:
+        gateway.adapters[provider.name] = adapter
+
+    return (lambda: swap(bogus)), (lambda: swap(original))
+
+
 def default_config(primary_port: int, secondary_port: int, cooldown: float) -> Config:
     return parse_config({
         "server": {"port": 0},
@@ -216,14 +244,7 @@ async def run_drill(args: argparse.Namespace) -> dict[str, Any]:
             route = gateway.router.check_model(model)
             primary = route.deployments[0]
             provider = config.providers[primary.provider]
-            original = gateway.adapters[provider.name]
-            bogus = make_adapter(provider, "sk-drill-revoked-key")
-
-            def revoke() -> None:
-                gateway.adapters[provider.name] = bogus
-
-            def restore() -> None:
-                gateway.adapters[provider.name] = original
+            revoke, restore = await _revocation(gateway, provider)
         else:
             settings = FakeSettings(ttft=0.05, itl=0.01, tokens=10)
             fakes = [FakeProvider(settings) for _ in range(2)]
@@ -232,10 +253,10 @@ async def run_drill(args: argparse.Namespace) -> dict[str, Any]:
             gateway = Gateway(config, environ={})
             model, primary = "gpt-4o", gateway.router.check_model("gpt-4o").deployments[0]
 
-            def revoke() -> None:
+            async def revoke() -> None:
                 fakes[0].settings = dataclasses.replace(settings, status=401)
 
-            def restore() -> None:
+            async def restore() -> None:
                 fakes[0].settings = settings
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, port=0,
                                                                         host="127.0.0.1"))

@@ -29,3 +29,33 @@ def test_drill_exit_code_is_1_when_the_slo_is_missed(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "MISSED" in result.stdout
+
+
+def test_drill_with_a_config_revokes_through_the_fake_providers_control(tmp_path):
+    fakes = [subprocess.Popen([sys.executable, "-m", "proxy", "fake-provider", "--port", "0",
+                               "--ttft", "0.02", "--itl", "0.01", "--tokens", "5"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        primary, secondary = (f.stdout.readline().strip().rsplit(" ", 1)[1] for f in fakes)
+        config = tmp_path / "drill.toml"
+        config.write_text(
+            '[auth]\nmaster_key_env = "DRILL_TEST_NO_KEY"\n'
+            '[router]\nbreaker_cooldown = 1.0\nbackoff_initial = 0.05\n'
+            f'[providers.primary]\nkind = "openai"\nbase_url = "{primary}"\n'
+            f'[providers.secondary]\nkind = "openai"\nbase_url = "{secondary}"\n'
+            '[models."gpt-4o"]\ndeployments = [{ provider = "primary", weight = 9 }, '
+            '{ provider = "secondary", weight = 1 }]\n')
+        out = tmp_path / "drill.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "--log-level", "WARNING", "drill", "--config", str(config),
+             "--duration", "6", "--concurrency", "8", "--json", str(out)],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = orjson.loads(out.read_bytes())
+        assert report["primary"] == "primary/gpt-4o" and report["failover_s"] is not None
+        assert "primary/gpt-4o" not in report["phases"]["during"]["served_by"]
+        assert "primary/gpt-4o" in report["phases"]["after"]["served_by"]
+    finally:
+        for f in fakes:
+            f.terminate()
+            f.wait(10)

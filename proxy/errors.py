@@ -9,11 +9,10 @@ Two renderings of the same error: `to_body()` is OpenAI's shape (every endpoint 
 `to_anthropic_body()` is Anthropic's `{"type": "error", "error": {"type", "message"}}`, used on
 `/v1/messages` so the `anthropic` SDK raises its own matching exception class.
 
-Retry classification (for the routing layer): `UpstreamError.retryable` is true for a connect
-failure, a broken stream or timeout, and for provider statuses 408/409/429/500/502/503/504/529.
-Anthropic's `overloaded_error` (HTTP 529, or an `error` event mid-stream) becomes an
-`UpstreamStatusError` with `upstream_status = 529`: the client sees 502 like any provider 5xx,
-and a retry layer treats it exactly like a 503.
+Retry classification lives in one place, `proxy/retry_policy.classify`. Anthropic's
+`overloaded_error` (HTTP 529, or an `error` event mid-stream) becomes an `UpstreamStatusError`
+with `upstream_status = 529`: the client sees 502 like any provider 5xx, and the router retries it
+exactly like a 503.
 
     GatewayError                      500 api_error
     ├── ConfigError                   (not an HTTP error: raised at start, names key/value/expected)
@@ -44,7 +43,6 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                          502: "api_error", 503: "overloaded_error", 504: "api_error",
                          529: "overloaded_error"}
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
 class GatewayError(Exception):
@@ -140,11 +138,6 @@ class UpstreamError(GatewayError):
     type = "api_error"
     code = "upstream_error"
 
-    @property
-    def retryable(self) -> bool:
-        """Another attempt (same or other deployment) may succeed: the hop failed, not the request."""
-        return True
-
 
 class UpstreamStatusError(UpstreamError):
     """The provider answered with an error status; the client sees that status and message."""
@@ -157,10 +150,6 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_status = status
         if type:
             self.type = type
-
-    @property
-    def retryable(self) -> bool:
-        return self.upstream_status in RETRYABLE_STATUSES
 
     @property
     def anthropic_type(self) -> str:

@@ -65,9 +65,6 @@ class Upstream:
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    def in_flight(self, provider: str) -> int:
-        return self._limiters[provider].borrowed_tokens
-
     def _build(self, wire: WireRequest, config: ProviderConfig, read_timeout: float) -> httpx.Request:
         return httpx.Request(
             wire.method, wire.url, headers=wire.headers, content=wire.body,

@@ -18,6 +18,7 @@ from proxy.chat_request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.providers import RawEvent, make_adapter
+from proxy.retry_policy import Action, classify
 
 TEXT = "Héllo wörld ✓ — 日本"
 
@@ -229,7 +230,7 @@ async def test_an_error_event_fails_after_relaying_what_came(kind, size):
     chunks, failed = run(kind, splits(head + error_event + b"".join(events[3:]), size))
     assert isinstance(failed, UpstreamError) and "boom" in failed.message
     assert summary_text(chunks) == summary_text(run(kind, [head])[0])
-    assert failed.retryable
+    assert classify(failed) is Action.RETRY
 
 
 def summary_text(chunks: list) -> str:
@@ -240,7 +241,7 @@ def summary_text(chunks: list) -> str:
 async def test_anthropic_overloaded_event_is_a_529_retryable_like_503():
     chunks, failed = run("anthropic", [b"".join(ANTHROPIC_EVENTS[:4]), CASES["anthropic"][3]])
     assert isinstance(failed, UpstreamStatusError)
-    assert failed.upstream_status == 529 and failed.status == 502 and failed.retryable
+    assert failed.upstream_status == 529 and failed.status == 502 and classify(failed) is Action.RETRY
     assert failed.anthropic_type == "overloaded_error"
 
 
@@ -267,18 +268,19 @@ async def test_provider_error_statuses(kind):
             "anthropic": b'{"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}',
             "ollama": b'{"error": "slow down"}'}[kind]
     limited = a.parse_error(429, {"retry-after": "7"}, body)
-    assert isinstance(limited, UpstreamRateLimited) and limited.retry_after == "7" and limited.retryable
+    assert isinstance(limited, UpstreamRateLimited) and limited.retry_after == "7"
+    assert classify(limited) is Action.RETRY
     assert "slow down" in limited.message and limited.status == 429
     server = a.parse_error(503, {}, b"<html>oops</html>")
-    assert server.status == 502 and server.upstream_status == 503 and server.retryable
+    assert server.status == 502 and server.upstream_status == 503 and classify(server) is Action.RETRY
     bad = a.parse_error(400, {}, body.replace(b"rate_limit_error", b"invalid_request_error"))
-    assert bad.status == 400 and not bad.retryable and "slow down" in bad.message
+    assert bad.status == 400 and classify(bad) is not Action.RETRY and "slow down" in bad.message
 
 
 async def test_anthropic_529_status_is_overloaded():
     error = adapter("anthropic").parse_error(529, {}, b'{"type":"error","error":{"type":"overloaded_error",'
                                                       b'"message":"Overloaded"}}')
-    assert error.status == 502 and error.upstream_status == 529 and error.retryable
+    assert error.status == 502 and error.upstream_status == 529 and classify(error) is Action.RETRY
     assert error.to_anthropic_body()["error"]["type"] == "overloaded_error"
 
 

@@ -1,4 +1,4 @@
-"""One request on the wire: raw trio sockets + `loadtest.http1` + `proxy.sse`, timed as it happens.
+"""One request on the wire: raw trio sockets + `loadtest.http1` + `proxy.core.sse`, timed as it happens.
 
 Why not httpx: per open stream httpx/httpcore keeps a pool entry, a response object, an async
 generator chain and an h11 connection; measured here it reads ~48k events/s per core, about the
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from proxy.sse import SSEDecoder, SSEError
+from proxy.core.sse import SSEDecoder, SSEError
 
 from . import apis
 from .http1 import ProtocolError, ResponseDecoder, encode_request

@@ -11,8 +11,8 @@ import sys
 
 import trio
 
-from .app import Gateway
-from .config import (Config, ConfigError, Deployment, ModelRoute, ProviderConfig, ServerConfig,
+from proxy.server.app import Gateway
+from proxy.config import (Config, ConfigError, Deployment, ModelRoute, ProviderConfig, ServerConfig,
                      load_config, with_server_overrides)
 
 DEMO_KEY_HINT = "no key needed in demo mode"
@@ -29,8 +29,8 @@ def demo_config(provider_port: int, host: str, port: int) -> Config:
 
 
 async def _run_demo(host: str, port: int) -> None:
-    from .fake_provider import FakeProvider, FakeSettings
-    from .server import serve
+    from proxy.testing.fake_provider import FakeProvider, FakeSettings
+    from proxy.server.serve import serve
 
     fake = FakeProvider(FakeSettings(ttft=0.2, itl=0.05, tokens=40))
     async with trio.open_nursery() as nursery:
@@ -52,7 +52,7 @@ async def _run_demo(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run
+    from proxy.server.serve import run
 
     if args.demo:
         try:
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request: ours says more
     if args.command == "drill":
-        from .drill import main as drill_main
+        from proxy.testing.drill import main as drill_main
         return drill_main(rest)
     if args.command == "fake-provider":
-        from .fake_provider import main as fake_main
+        from proxy.testing.fake_provider import main as fake_main
         return fake_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

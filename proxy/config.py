@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from .errors import ConfigError
+from proxy.core.errors import ConfigError
 
 # openai: OpenAI itself; openai-compatible: any server speaking Chat Completions (vLLM, Together,
 # Groq, Azure OpenAI with api_key_header/api_version); anthropic: the Messages API; ollama: /api/chat.

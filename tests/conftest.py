@@ -10,10 +10,10 @@ import httpx
 import pytest
 import trio
 
-from proxy.app import Gateway
+from proxy.server.app import Gateway
 from proxy.config import parse_config
-from proxy.fake_provider import FakeProvider, FakeSettings
-from proxy.server import serve
+from proxy.testing.fake_provider import FakeProvider, FakeSettings
+from proxy.server.serve import serve
 
 PROVIDER_KEY = "sk-provider-secret-123"
 MASTER_KEY = "sk-master-secret-456"
@@ -83,8 +83,8 @@ def chat_body(content: str = "Hello", *, model: str = "gpt-4o", stream: bool = F
 
 
 def parse_sse(body: bytes) -> list[bytes]:
-    """The data payloads of a complete SSE body (test helper; the product uses proxy.sse)."""
-    from proxy.sse import SSEDecoder
+    """The data payloads of a complete SSE body (test helper; the product uses proxy.core.sse)."""
+    from proxy.core.sse import SSEDecoder
 
     decoder = SSEDecoder()
     return [e.data for e in decoder.feed(body) + decoder.close()]

@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 
-from proxy.app import Gateway
+from proxy.server.app import Gateway
 from proxy.config import parse_config
-from proxy.server import serve
+from proxy.server.serve import serve
 
 from .conftest import MASTER_KEY, PROVIDER_KEY, Running
 

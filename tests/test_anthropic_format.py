@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.anthropic_format import StreamEncoder, error_event, parse_messages_request, to_message
-from proxy.errors import InvalidRequest, UpstreamStatusError
-from proxy.providers import RawEvent
-from proxy.providers.anthropic import to_anthropic
-from proxy.sse import SSEDecoder
+from proxy.formats.messages_api import StreamEncoder, error_event, parse_messages_request, to_message
+from proxy.core.errors import InvalidRequest, UpstreamStatusError
+from proxy.formats import RawEvent
+from proxy.formats.anthropic import to_anthropic
+from proxy.core.sse import SSEDecoder
 
 
 def parse(**body):

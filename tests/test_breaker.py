@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerSettings
-from proxy.errors import (InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError,
+from proxy.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerSettings
+from proxy.core.errors import (InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError,
                           UpstreamTimeout)
-from proxy.retry_policy import Action, NoHealthyDeployment, Saturated, backoff, classify, retry_after_seconds
+from proxy.routing.policy import Action, NoHealthyDeployment, Saturated, backoff, classify, retry_after_seconds
 
 
 def test_opens_after_consecutive_failures_and_half_opens_after_cooldown():

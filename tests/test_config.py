@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from proxy.app import Gateway
+from proxy.server.app import Gateway
 from proxy.config import ConfigError, load_config, parse_config
 
 BASE = {
@@ -70,7 +70,7 @@ def test_exact_names_win_over_globs_then_first_glob_in_file_order(tmp_path):
     assert config.route("gpt-4o").name == "gpt-4o"
     assert config.route("gpt-4.1").name == "gpt-*"
     assert config.route("claude").name == "*"
-    from proxy.router import Router
+    from proxy.routing.router import Router
     assert config.route("gpt-4.1").deployments[0].model == ""  # a glob without model forwards the name
     assert config.route("claude").deployments[0].model == "gpt-4o-mini"
     assert Router(config).model_names() == ["gpt-4o"]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from proxy.fake_provider import FakeProvider, FakeSettings, main
+from proxy.testing.fake_provider import FakeProvider, FakeSettings, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -361,7 +361,7 @@ def test_settings_are_checked():
 
 async def test_cli_serves_until_terminated():
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy.fake_provider", "--port", "0", "--tokens", "3",
+        [sys.executable, "-m", "proxy.testing.fake_provider", "--port", "0", "--tokens", "3",
          "--ttft", "0", "--itl", "0", "--token-bytes", "4"],
         cwd=ROOT, stdout=subprocess.PIPE)
     try:

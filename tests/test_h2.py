@@ -12,7 +12,7 @@ import trustme
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
-from proxy import h2_flow
+from proxy.server import h2_flow
 
 from .conftest import MASTER_KEY, chat_body, parse_sse
 from .test_backpressure import BIG, BOUND, first_record, settle

@@ -3,7 +3,7 @@
 import httpx
 import trio
 
-from proxy.http_pool import LifoPoolTransport
+from proxy.transport.http_pool import LifoPoolTransport
 
 from .conftest import chat_body, parse_sse
 

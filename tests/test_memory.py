@@ -4,7 +4,7 @@ import tracemalloc
 
 import orjson
 
-from proxy.providers import WireRequest
+from proxy.formats import WireRequest
 
 
 def test_a_request_body_does_not_pin_orjsons_working_buffer():

@@ -239,11 +239,11 @@ async def test_logs_carry_cached_usage_and_never_keys(kgw, http, caplog):
     await http.post(kgw.url + "/v1/messages", json=dict(ask("Hi"), model="via-openai"),
                     headers={"authorization": "", "x-api-key": "sk-client-wrong"})
     await http.post(kgw.url + "/v1/messages", json=dict(ask('fake: {"status": 401}'), model="via-anthropic"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.messages"]
-    assert len(lines) == 4  # errors before a response are logged by proxy.app
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.server.messages"]
+    assert len(lines) == 4  # errors before a response are logged by proxy.server.app
     assert all("cached_tokens=100" in line for line in lines)
     assert all("outcome=ok" in line for line in lines)
-    errors = [r.getMessage() for r in caplog.records if r.name == "proxy.app"]
+    errors = [r.getMessage() for r in caplog.records if r.name == "proxy.server.app"]
     assert [e.split(" -> ")[1][:3] for e in errors] == ["401", "401"]
     assert "cache_write_tokens=20" in lines[0]  # Anthropic reports writes; OpenAI providers do not
     assert all(secret not in caplog.text for secret in (MASTER_KEY, PROVIDER_KEY, "sk-client-wrong"))

@@ -133,9 +133,9 @@ async def test_each_request_logs_one_line_with_its_outcome_and_no_secrets(gw, ht
         async for _ in r.aiter_raw():
             break  # leave mid-stream
     with trio.fail_after(5):
-        while len([r for r in caplog.records if r.name == "proxy.chat"]) < 2:
+        while len([r for r in caplog.records if r.name == "proxy.server.chat"]) < 2:
             await trio.sleep(0.01)
-    first, second = [r.getMessage() for r in caplog.records if r.name == "proxy.chat"]
+    first, second = [r.getMessage() for r in caplog.records if r.name == "proxy.server.chat"]
     assert "outcome=ok" in first and "deployment=fake/gpt-4o" in first
     assert "outcome=client_disconnected" in second
     streamed = int(second.split("streamed_chunks=")[1].split()[0])

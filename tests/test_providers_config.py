@@ -52,8 +52,8 @@ async def test_azure_style_deployment_on_the_wire(nursery, fake):
     """openai-compatible with api-key header, api-version query and extra headers (Azure OpenAI)."""
     from functools import partial
 
-    from proxy.app import Gateway
-    from proxy.server import serve
+    from proxy.server.app import Gateway
+    from proxy.server.serve import serve
 
     cfg = parse_config({
         "server": {"host": "127.0.0.1", "port": 0},

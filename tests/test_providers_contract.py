@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.chat_request import ChatRequest
+from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
-from proxy.errors import UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from proxy.providers import RawEvent, make_adapter
-from proxy.retry_policy import Action, classify
+from proxy.core.errors import UpstreamError, UpstreamRateLimited, UpstreamStatusError
+from proxy.formats import RawEvent, make_adapter
+from proxy.routing.policy import Action, classify
 
 TEXT = "Héllo wörld ✓ — 日本"
 

@@ -6,9 +6,9 @@ import orjson
 import pytest
 import trio
 
-from proxy.errors import ShuttingDown, UpstreamError
-from proxy.relay import KEEPALIVE, Relay
-from proxy.sse import DONE, encode_event
+from proxy.core.errors import ShuttingDown, UpstreamError
+from proxy.server.pump import KEEPALIVE, Relay
+from proxy.core.sse import DONE, encode_event
 
 
 class FakeClient:

@@ -12,13 +12,13 @@ import orjson
 import pytest
 import trio
 
-from proxy import dispatch
-from proxy.chat_request import parse_chat_request
+from proxy.routing import failover as dispatch
+from proxy.core.request import parse_chat_request
 from proxy.config import parse_config
-from proxy.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError, UpstreamTimeout
-from proxy.providers import make_adapter
-from proxy.retry_policy import NoHealthyDeployment, Saturated, backoff
-from proxy.router import Router
+from proxy.core.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError, UpstreamTimeout
+from proxy.formats import make_adapter
+from proxy.routing.policy import NoHealthyDeployment, Saturated, backoff
+from proxy.routing.router import Router
 
 COMPLETION = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]})

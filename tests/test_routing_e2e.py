@@ -8,10 +8,10 @@ import openai
 import pytest
 import trio
 
-from proxy.app import Gateway
+from proxy.server.app import Gateway
 from proxy.config import parse_config
-from proxy.fake_provider import FakeControl, FakeProvider, FakeSettings
-from proxy.server import serve
+from proxy.testing.fake_provider import FakeControl, FakeProvider, FakeSettings
+from proxy.server.serve import serve
 
 from .conftest import MASTER_KEY, chat_body, parse_sse
 

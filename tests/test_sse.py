@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.sse import DONE, SSEDecoder, SSEError, SSEEvent, encode_comment, encode_event
+from proxy.core.sse import DONE, SSEDecoder, SSEError, SSEEvent, encode_comment, encode_event
 
 STREAM = (
     b": comment first\n"

@@ -1,12 +1,12 @@
-"""proxy.tool_args alone: the schema subset, and the checker's place in a chunk stream."""
+"""proxy.formats.tool_args alone: the schema subset, and the checker's place in a chunk stream."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from proxy.errors import ToolArgumentsInvalid
-from proxy.tool_args import ToolCallChecker, arguments_error, check_completion, schema_error
+from proxy.core.errors import ToolArgumentsInvalid
+from proxy.formats.tool_args import ToolCallChecker, arguments_error, check_completion, schema_error
 
 SCHEMA = {"type": "object", "required": ["city"], "additionalProperties": False,
           "properties": {"city": {"type": "string", "minLength": 2},

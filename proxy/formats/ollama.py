@@ -20,10 +20,10 @@ from typing import Any, Mapping
 
 import orjson
 
-from ..chat_request import ChatRequest
-from ..config import ProviderConfig
-from ..errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from . import WireRequest, redact, usage
+from proxy.core.request import ChatRequest
+from proxy.config import ProviderConfig
+from proxy.core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
+from proxy.formats import WireRequest, redact, usage
 
 
 class OllamaAdapter:

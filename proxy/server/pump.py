@@ -35,10 +35,10 @@ from typing import Any, Awaitable, Callable
 import orjson
 import trio
 
-from .errors import ClientStalled, GatewayError
-from .sse import encode_comment, encode_event
+from proxy.core.errors import ClientStalled, GatewayError
+from proxy.core.sse import encode_comment, encode_event
 
-log = logging.getLogger("proxy.relay")
+log = logging.getLogger("proxy.server.pump")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -27,10 +27,10 @@ from typing import Any
 
 import orjson
 
-from .chat_request import ChatRequest, load_request_object
-from .errors import GatewayError, InvalidRequest
-from .providers import RawEvent
-from .sse import encode_event
+from proxy.core.request import ChatRequest, load_request_object
+from proxy.core.errors import GatewayError, InvalidRequest
+from proxy.formats import RawEvent
+from proxy.core.sse import encode_event
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}

@@ -18,11 +18,11 @@ from urllib.parse import quote
 
 import orjson
 
-from ..chat_request import ChatRequest
-from ..config import ProviderConfig
-from ..errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from ..sse import SSEDecoder, SSEError
-from . import WireRequest, redact
+from proxy.core.request import ChatRequest
+from proxy.config import ProviderConfig
+from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
+from proxy.core.sse import SSEDecoder, SSEError
+from proxy.formats import WireRequest, redact
 
 
 class OpenAIAdapter:

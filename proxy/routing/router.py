@@ -25,10 +25,10 @@ from typing import Mapping
 
 import trio
 
-from .breaker import Breaker, BreakerSettings
-from .config import Config, Deployment, ModelRoute
-from .errors import InvalidRequest, ModelNotFound
-from .retry_policy import Saturated
+from proxy.routing.breaker import Breaker, BreakerSettings
+from proxy.config import Config, Deployment, ModelRoute
+from proxy.core.errors import InvalidRequest, ModelNotFound
+from proxy.routing.policy import Saturated
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 

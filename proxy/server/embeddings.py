@@ -2,7 +2,7 @@
 
 A plain JSON call (no stream): validate the body, pick a deployment, let the adapter shape the
 request (`embeddings_request`) and the answer (`parse_embeddings`: always OpenAI's list shape),
-one `proxy.upstream` request in between, raced against the client's disconnect. An Anthropic
+one `proxy.transport.upstream` request in between, raced against the client's disconnect. An Anthropic
 deployment has no embeddings: 400 naming the provider. Deployments are chosen, retried and
 failed over by the same loop as chat (`proxy.dispatch.run`).
 """
@@ -14,18 +14,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 
-from .chat import until_disconnect
-from .chat_request import load_request_object
-from . import dispatch
-from .dispatch import Served
-from .errors import InvalidRequest
-from .relay import Receive, Send
-from .router import DeploymentState
+from proxy.server.chat import until_disconnect
+from proxy.core.request import load_request_object
+from proxy.routing import failover as dispatch
+from proxy.routing.failover import Served
+from proxy.core.errors import InvalidRequest
+from proxy.server.pump import Receive, Send
+from proxy.routing.router import DeploymentState
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from proxy.server.app import Gateway
 
-log = logging.getLogger("proxy.embeddings")
+log = logging.getLogger("proxy.server.embeddings")
 
 
 def _check(ok: bool, message: str, param: str) -> None:
@@ -49,7 +49,7 @@ def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
 
 
 async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send) -> None:
-    from .app import ClientGone, send_json
+    from proxy.server.app import ClientGone, send_json
 
     request = parse_embeddings_request(body)
     started = time.perf_counter()

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from ..chat_request import ChatRequest
-from ..config import ProviderConfig
-from ..errors import GatewayError
+from proxy.core.request import ChatRequest
+from proxy.config import ProviderConfig
+from proxy.core.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +121,8 @@ def redact(error: GatewayError, secret: str | None) -> GatewayError:
 
 
 def make_adapter(config: ProviderConfig, api_key: str | None) -> ProviderAdapter:
-    from ..tool_args import ValidatingAdapter
-    from . import anthropic, ollama, openai
+    from proxy.formats.tool_args import ValidatingAdapter
+    from proxy.formats import anthropic, ollama, openai
 
     adapters = {"openai": openai.OpenAIAdapter, "openai-compatible": openai.OpenAIAdapter,
                 "anthropic": anthropic.AnthropicAdapter, "ollama": ollama.OllamaAdapter}

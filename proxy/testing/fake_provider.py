@@ -910,7 +910,7 @@ async def _run_cli(provider: FakeProvider, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy.fake_provider",
+    parser = argparse.ArgumentParser(prog="python -m proxy.testing.fake_provider",
                                      description="Fake LLM provider: OpenAI, Anthropic and Ollama wire formats.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)

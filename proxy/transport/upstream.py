@@ -9,7 +9,7 @@ Rules, each from a measured failure (see PLATFORM-NOTES):
   generating (and billing) upstream. Over HTTP/1.1 a cancelled read closes the socket at once.
 - Timeouts are ours, not httpx's read timeout: `first_byte_timeout` covers sending the request
   until the first body bytes (LLMs think first), `read_timeout` every later gap. Connect is short.
-- Foreign exceptions become `proxy.errors` classes here and nowhere else.
+- Foreign exceptions become `proxy.core.errors` classes here and nowhere else.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import AsyncIterator, Iterator
 import httpx
 import trio
 
-from .config import ProviderConfig
-from .http_pool import LifoPoolTransport
-from .errors import UpstreamError, UpstreamTimeout
-from .providers import ProviderAdapter, WireRequest
+from proxy.config import ProviderConfig
+from proxy.transport.http_pool import LifoPoolTransport
+from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.formats import ProviderAdapter, WireRequest
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of a provider's error body we read to relay its message
 

@@ -6,7 +6,7 @@ Rules:
   the kernel fails a write the client has not acknowledged for `write_timeout`, which unblocks
   the shielded write and reclaims the connection (the relay has already released the upstream).
 - Plain ports speak HTTP/1.1 and h2c (prior knowledge or Upgrade); with certfile/keyfile, TLS
-  with ALPN h2 + http/1.1. `proxy.h2_flow` restores backpressure over HTTP/2.
+  with ALPN h2 + http/1.1. `proxy.server.h2_flow` restores backpressure over HTTP/2.
 - hypercorn's `read_timeout` stays off (SSE clients send nothing after the request) and
   `max_app_queue_size` bounds what a client can push at us before the app reads it.
 - Shutdown (SIGTERM/SIGINT): stop accepting, let open requests finish for `drain_timeout`, then
@@ -29,12 +29,12 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig, Sockets
 from hypercorn.trio import worker_serve
 
-from . import h2_flow
-from .app import Gateway
-from .config import Config
-from .errors import ShuttingDown
+from proxy.server import h2_flow
+from proxy.server.app import Gateway
+from proxy.config import Config
+from proxy.core.errors import ShuttingDown
 
-log = logging.getLogger("proxy.server")
+log = logging.getLogger("proxy.server.serve")
 
 BACKLOG = 4096
 FINAL_WRITE_GRACE = 2.0  # seconds for aborted streams to write their error event before exit

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .errors import InvalidRequest
+from proxy.core.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import trio
 
-from .chat_request import ChatRequest
-from .errors import GatewayError, UpstreamTimeout
-from .providers import Chunk
-from .retry_policy import (Action, FirstTokenTimeout, NoHealthyDeployment, backoff, classify,
+from proxy.core.request import ChatRequest
+from proxy.core.errors import GatewayError, UpstreamTimeout
+from proxy.formats import Chunk
+from proxy.routing.policy import (Action, FirstTokenTimeout, NoHealthyDeployment, backoff, classify,
                            retry_after_seconds)
-from .router import DeploymentState
+from proxy.routing.router import DeploymentState
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from proxy.server.app import Gateway
 
 Emit = Callable[[list[Chunk]], Awaitable[None]]
 T = TypeVar("T")

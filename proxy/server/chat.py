@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import orjson
 import trio
 
-from . import dispatch
-from .chat_request import ChatRequest, parse_chat_request
-from .dispatch import Served
-from .errors import GatewayError
-from .providers import Chunk
-from .relay import Producer, Receive, Relay, Send
-from .sse import DONE, encode_event
+from proxy.routing import failover as dispatch
+from proxy.core.request import ChatRequest, parse_chat_request
+from proxy.routing.failover import Served
+from proxy.core.errors import GatewayError
+from proxy.formats import Chunk
+from proxy.server.pump import Producer, Receive, Relay, Send
+from proxy.core.sse import DONE, encode_event
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from proxy.server.app import Gateway
 
-log = logging.getLogger("proxy.chat")
+log = logging.getLogger("proxy.server.chat")
 T = TypeVar("T")
 
 
@@ -61,7 +61,7 @@ class Usage:
 
 async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, *,
                  requested_deployment: str | None = None) -> None:
-    from .app import ClientGone, send_json
+    from proxy.server.app import ClientGone, send_json
 
     request = parse_chat_request(body)
     gateway.router.check_model(request.model)  # 404 before any work

@@ -18,16 +18,18 @@ from typing import Any, Awaitable, Callable, Mapping
 import orjson
 import trio
 
-from . import chat, embeddings, messages
-from .config import Config, check_environment
-from .errors import (AuthenticationFailed, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed,
+from proxy.server import chat
+from proxy.server import embeddings
+from proxy.server import messages
+from proxy.config import Config, check_environment
+from proxy.core.errors import (AuthenticationFailed, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed,
                      NotFound, PayloadTooLarge)
-from .providers import make_adapter
-from .relay import Receive, Relay, Send
-from .router import Router
-from .upstream import Upstream
+from proxy.formats import make_adapter
+from proxy.server.pump import Receive, Relay, Send
+from proxy.routing.router import Router
+from proxy.transport.upstream import Upstream
 
-log = logging.getLogger("proxy.app")
+log = logging.getLogger("proxy.server.app")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 

@@ -30,11 +30,11 @@ from typing import Any, Mapping
 
 import orjson
 
-from ..chat_request import ChatRequest
-from ..config import ProviderConfig
-from ..errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from ..sse import SSEDecoder, SSEError
-from . import ANTHROPIC_MESSAGE, RawEvent, WireRequest, redact, usage
+from proxy.core.request import ChatRequest
+from proxy.config import ProviderConfig
+from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
+from proxy.core.sse import SSEDecoder, SSEError
+from proxy.formats import ANTHROPIC_MESSAGE, RawEvent, WireRequest, redact, usage
 
 DEFAULT_VERSION = "2023-06-01"
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -100,7 +100,7 @@ class AnthropicAdapter:
         return error_for(self.name, status, type_, message, headers.get("retry-after"))
 
     def embeddings_request(self, body: dict[str, Any], model: str) -> WireRequest:
-        from ..errors import InvalidRequest
+        from proxy.core.errors import InvalidRequest
 
         raise InvalidRequest(f"provider {self.name} (anthropic) serves no embeddings", param="model")
 

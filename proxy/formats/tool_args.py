@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ToolArgumentsInvalid
+from proxy.core.errors import ToolArgumentsInvalid
 
 _TYPES: dict[str, Any] = {
     "object": lambda v: isinstance(v, dict),

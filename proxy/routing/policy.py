@@ -21,7 +21,7 @@ import enum
 import math
 import random
 
-from .errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
+from proxy.core.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})

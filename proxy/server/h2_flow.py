@@ -54,7 +54,7 @@ def apply() -> None:
     installed = version("hypercorn")
     if not installed.startswith(SUPPORTED):
         raise RuntimeError(
-            f"proxy.h2_flow patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: re-check "
+            f"proxy.server.h2_flow patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: re-check "
             "hypercorn/protocol/h2.py StreamBuffer against the notes in proxy/h2_flow.py")
     hypercorn_h2.StreamBuffer.push = _push
     hypercorn_h2.StreamBuffer.pop = _pop

@@ -28,11 +28,11 @@ import httpx
 import orjson
 import trio
 
-from .app import Gateway
-from .config import Config, ConfigError, load_config, parse_config
-from .fake_provider import FakeProvider, FakeSettings
-from .providers import make_adapter
-from .server import serve
+from proxy.server.app import Gateway
+from proxy.config import Config, ConfigError, load_config, parse_config
+from proxy.testing.fake_provider import FakeProvider, FakeSettings
+from proxy.formats import make_adapter
+from proxy.server.serve import serve
 
 PHASES = ("before", "during", "after")
 

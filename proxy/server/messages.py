@@ -1,8 +1,8 @@
 """POST /v1/messages: the Anthropic Messages API in front of any provider kind.
 
 The same path as /v1/chat/completions (`proxy/chat.py`) with Anthropic on the client side:
-`proxy.anthropic_format` parses the body into a canonical `ChatRequest` (keeping the original
-for an Anthropic deployment, which gets it untouched), `proxy.dispatch` routes and calls the
+`proxy.formats.messages_api` parses the body into a canonical `ChatRequest` (keeping the original
+for an Anthropic deployment, which gets it untouched), `proxy.routing.failover` routes and calls the
 provider, and the answer is encoded back into Anthropic's shape. Streams go through the same
 `proxy.relay.Relay` (backpressure, write deadline, disconnects), with Anthropic's error event as
 the failure rendering; a stream ends with `message_stop` (there is no [DONE]). Errors before the
@@ -17,23 +17,23 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import dispatch
-from .anthropic_format import StreamEncoder, error_event, parse_messages_request, to_message
-from .chat import Usage, run_relay, until_disconnect
-from .chat_request import ChatRequest
-from .dispatch import Served
-from .providers import ANTHROPIC_MESSAGE, Chunk
-from .relay import Receive, Relay, Send
+from proxy.routing import failover as dispatch
+from proxy.formats.messages_api import StreamEncoder, error_event, parse_messages_request, to_message
+from proxy.server.chat import Usage, run_relay, until_disconnect
+from proxy.core.request import ChatRequest
+from proxy.routing.failover import Served
+from proxy.formats import ANTHROPIC_MESSAGE, Chunk
+from proxy.server.pump import Receive, Relay, Send
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from proxy.server.app import Gateway
 
-log = logging.getLogger("proxy.messages")
+log = logging.getLogger("proxy.server.messages")
 
 
 async def handle(gateway: "Gateway", body: bytes, receive: Receive, send: Send, *,
                  anthropic_beta: str | None = None, requested_deployment: str | None = None) -> None:
-    from .app import ClientGone, send_json
+    from proxy.server.app import ClientGone, send_json
 
     request = parse_messages_request(body, anthropic_beta)
     gateway.router.check_model(request.model)  # 404 before any work

@@ -29,7 +29,7 @@ def demo_config(provider_port: int, host: str, port: int) -> Config:
 
 
 async def _run_demo(host: str, port: int) -> None:
-    from proxy.testing.fake_provider import FakeProvider, FakeSettings
+    from proxy.testing.fake import FakeProvider, FakeSettings
     from proxy.server.serve import serve
 
     fake = FakeProvider(FakeSettings(ttft=0.2, itl=0.05, tokens=40))
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.testing.drill import main as drill_main
         return drill_main(rest)
     if args.command == "fake-provider":
-        from proxy.testing.fake_provider import main as fake_main
+        from proxy.testing.fake import main as fake_main
         return fake_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -57,9 +57,11 @@ class ProviderConfig:
     api_key_env: str | None = None
     max_concurrency: int = 1000
     connect_timeout: float = 5.0
-    # LLMs think before they speak: the first byte may take long, later gaps are shorter.
-    first_byte_timeout: float = 300.0
-    read_timeout: float = 120.0
+    # LLMs think before they speak: the first output may take long, later gaps are shorter.
+    first_byte_timeout: float = 300.0  # request sent -> first output (first token of a stream)
+    read_timeout: float = 120.0        # every later gap between body reads
+    # A non-streaming answer (chat, embeddings) larger than this is a 502, never buffered whole.
+    max_response_bytes: int = 32 * 1024 * 1024
     # Extra request headers (e.g. an OpenAI-Organization, a vLLM router's tenant header).
     headers: tuple[tuple[str, str], ...] = ()
     # The header that carries the key, sent as-is (Azure: "api-key"); unset = the kind's own
@@ -249,6 +251,7 @@ _PROVIDER_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "connect_timeout": _positive,
     "first_byte_timeout": _positive,
     "read_timeout": _positive,
+    "max_response_bytes": lambda k, v: _number(k, v, minimum=1024, integer=True),
     "headers": _headers,
     "api_key_header": _header_name,
     "api_version": lambda k, v: _string(k, v, check=lambda s: s.isprintable() and " " not in s,

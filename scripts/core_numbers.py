@@ -130,7 +130,7 @@ async def disconnect_latency(trials: int) -> list[float]:
 
     The provider runs in this process so both ends read the same trio clock; the gateway is a
     separate process in between."""
-    from proxy.testing.fake_provider import FakeProvider, FakeSettings
+    from proxy.testing.fake import FakeProvider, FakeSettings
 
     fake = FakeProvider(FakeSettings(itl=0.05, tokens=10_000))
     results = []

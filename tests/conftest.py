@@ -12,7 +12,7 @@ import trio
 
 from proxy.server.app import Gateway
 from proxy.config import parse_config
-from proxy.testing.fake_provider import FakeProvider, FakeSettings
+from proxy.testing.fake import FakeProvider, FakeSettings
 from proxy.server.serve import serve
 
 PROVIDER_KEY = "sk-provider-secret-123"

@@ -76,7 +76,7 @@ async def test_a_stalled_client_is_dropped_and_the_upstream_released(start_gatew
     assert record.peer_closed_early and not record.completed
     assert record.bytes_sent < BOUND
     with trio.fail_after(15):  # TCP_USER_TIMEOUT reclaims the client connection and the writer
-        while gw.gateway.relays:
+        while len(gw.gateway.streams):
             await trio.sleep(0.05)
     await client.aclose()
 

@@ -7,7 +7,8 @@ import pytest
 from proxy.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerSettings
 from proxy.core.errors import (InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError,
                           UpstreamTimeout)
-from proxy.routing.policy import Action, NoHealthyDeployment, Saturated, backoff, classify, retry_after_seconds
+from proxy.core.errors import NoHealthyDeployment, Saturated
+from proxy.routing.policy import Action, backoff, classify, retry_after_seconds
 
 
 def test_opens_after_consecutive_failures_and_half_opens_after_cooldown():

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from proxy.testing.fake_provider import FakeProvider, FakeSettings, main
+from proxy.testing.fake import FakeProvider, FakeSettings, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -359,9 +359,18 @@ def test_settings_are_checked():
         main(["--itl", "-1"])
 
 
+def test_cli_help_names_the_command_users_type(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m proxy fake-provider ")
+    assert "--token-bytes N" in out and "/_fake/control" in out
+
+
 async def test_cli_serves_until_terminated():
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy.testing.fake_provider", "--port", "0", "--tokens", "3",
+        [sys.executable, "-m", "proxy", "fake-provider", "--port", "0", "--tokens", "3",
          "--ttft", "0", "--itl", "0", "--token-bytes", "4"],
         cwd=ROOT, stdout=subprocess.PIPE)
     try:

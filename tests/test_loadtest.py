@@ -21,7 +21,7 @@ import trio
 from loadtest.report import write_csv, write_json
 from loadtest.runner import raise_fd_limit, run
 from loadtest.settings import Behaviour, RunSettings, Sampling, Shape, Target
-from proxy.testing.fake_provider import FakeProvider, FakeSettings
+from proxy.testing.fake import FakeProvider, FakeSettings
 
 from .conftest import MASTER_KEY
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from proxy.testing.fake_provider import FakeControl, FakeProvider, FakeSettings
+from proxy.testing.fake import FakeControl, FakeProvider, FakeSettings
 
 
 @pytest.fixture

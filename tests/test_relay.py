@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from proxy.core.errors import ShuttingDown, UpstreamError
-from proxy.server.pump import KEEPALIVE, Relay
+from proxy.server.pump import KEEPALIVE, Relay, StreamState
 from proxy.core.sse import DONE, encode_event
 
 
@@ -77,7 +77,7 @@ async def test_events_relayed_in_order_then_done(autojump_clock):
     assert headers[b"x-accel-buffering"] == b"no"
     assert client.body == event(0) + event(1) + event(2) + DONE
     assert client.body_sends[-1]["more_body"] is False
-    assert relay.failure is None and not relay.stalled and not relay.disconnected
+    assert relay.failure is None and relay.state is StreamState.FINISHED
 
 
 async def test_each_event_is_flushed_when_it_arrives(autojump_clock):
@@ -163,7 +163,7 @@ async def test_stalled_write_cancels_the_producer_at_the_deadline(autojump_clock
     # the blocked write began at t=3.0 (first event after the stall); upstream released at +10 s
     assert client.blocked_since == pytest.approx(3.0)
     assert cancelled_at == pytest.approx(13.0)
-    assert relay.stalled
+    assert relay.state is StreamState.STALLED
     assert DONE not in client.body
 
 
@@ -190,7 +190,7 @@ async def test_client_disconnect_cancels_the_producer_at_once(autojump_clock):
         nursery.start_soon(leave)
         await relay.run(produce)
     assert cancelled_at == 5.5
-    assert relay.disconnected and relay.failure is None
+    assert relay.state is StreamState.DISCONNECTED and relay.failure is None
 
 
 async def test_upstream_failure_mid_stream_is_an_error_event_without_done():
@@ -274,5 +274,5 @@ async def test_the_disconnect_that_follows_a_finished_response_is_not_a_client_l
 
     relay = Relay(client.send, client.receive, write_timeout=10.0, buffer=4, keepalive_interval=15.0)
     await relay.run(produce)
-    assert not relay.disconnected and relay.failure is None
+    assert relay.state is StreamState.FINISHED and relay.failure is None
     assert client.body == event(0) + DONE

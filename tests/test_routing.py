@@ -5,8 +5,8 @@ The upstream here is a stand-in (no sockets: the autojump clock would jump over 
 """
 
 import contextlib
+import math
 import random
-from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -17,7 +17,8 @@ from proxy.core.request import parse_chat_request
 from proxy.config import parse_config
 from proxy.core.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError, UpstreamTimeout
 from proxy.formats import make_adapter
-from proxy.routing.policy import NoHealthyDeployment, Saturated, backoff
+from proxy.core.errors import FirstTokenTimeout, NoHealthyDeployment, Saturated
+from proxy.routing.policy import backoff
 from proxy.routing.router import Router
 
 COMPLETION = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
@@ -36,6 +37,10 @@ END = sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b
 class Body:
     def __init__(self, script):
         self._script = list(script)  # [(delay, bytes | exception)]
+        self.timer = None
+
+    def first_output(self) -> None:  # as proxy.transport.upstream.Body: the TTFT deadline is over
+        self.timer.deadline = math.inf
 
     async def next(self) -> bytes:
         if not self._script:
@@ -66,24 +71,32 @@ class ScriptedUpstream:
         return item
 
     @contextlib.asynccontextmanager
-    async def stream(self, adapter, wire):
+    async def stream(self, adapter, wire, *, ttft_deadline=math.inf):
+        """Like proxy.transport.upstream.Upstream.stream: the TTFT deadline on the body's timer."""
         item = self._next(adapter.name)
         if isinstance(item, Exception):
             raise item
-        yield item
+        with trio.CancelScope(deadline=ttft_deadline) as timer:
+            item.timer = timer
+            yield item
+        if timer.cancelled_caught:
+            raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
 
 
-def gateway(upstream, *, router=None, models=None, providers=("p1", "p2")):
-    config = parse_config({
+def routing_config(*, router=None, models=None, providers=("p1", "p2")):
+    return parse_config({
         "router": router or {},
         "providers": {p: {"kind": "openai", "base_url": f"http://{p}.invalid/v1"} for p in providers},
         "models": models or {"m": {"deployments": [{"provider": "p1", "model": "a"},
                                                    {"provider": "p2", "model": "b"}]}},
     })
-    return SimpleNamespace(
-        config=config, upstream=upstream,
-        router=Router(config, rng=random.Random(1), environ={}),
-        adapters={name: make_adapter(p, None) for name, p in config.providers.items()})
+
+
+def gateway(upstream, *, router=None, models=None, providers=("p1", "p2")):
+    config = routing_config(router=router, models=models, providers=providers)
+    return dispatch.Failover(Router(config, rng=random.Random(1), environ={}), upstream,
+                             {name: make_adapter(p, None) for name, p in config.providers.items()},
+                             config.server.max_event_bytes)
 
 
 def request(stream=False, model="m"):
@@ -105,7 +118,7 @@ async def test_retry_waits_a_full_jitter_backoff_then_tries_another_deployment(a
     up = ScriptedUpstream(p1=[err(503)], p2=[COMPLETION])
     gw = gateway(up, router={"backoff_initial": 0.5, "backoff_max": 8}, models=PRIMARY_FIRST)
     served = dispatch.Served()
-    result = await dispatch.complete(gw, request(), served)
+    result = await gw.complete(request(), served)
     assert result["choices"][0]["message"]["content"] == "hi"
     rng = random.Random(1)  # the router's: one draw picked p1, the next is the backoff
     rng.random()
@@ -117,21 +130,21 @@ async def test_retry_waits_a_full_jitter_backoff_then_tries_another_deployment(a
 async def test_retry_after_within_the_limit_is_honoured_exactly(autojump_clock):
     up = ScriptedUpstream(p1=[err(429, retry_after="2"), COMPLETION])
     gw = gateway(up, models={"m": {"deployments": [{"provider": "p1", "model": "a"}]}})
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls == [(0.0, "p1"), (2.0, "p1")]
 
 
 async def test_retry_after_beyond_the_limit_fails_over_at_once_and_cools_the_deployment(autojump_clock):
     up = ScriptedUpstream(p1=[err(429, retry_after="30")], p2=[COMPLETION])
     gw = gateway(up, router={"retry_after_max": 5}, models=PRIMARY_FIRST)
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls == [(0.0, "p1"), (0.0, "p2")]
     await trio.sleep(29)
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls[-1] == (29.0, "p2")  # p1 still cooling
     await trio.sleep(1)
     up.behaviours["p1"] = [COMPLETION]
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls[-1] == (30.0, "p1")
 
 
@@ -139,15 +152,15 @@ async def test_401_opens_the_breaker_at_once_and_a_probe_follows_the_cooldown(au
     up = ScriptedUpstream(p1=[err(401)], p2=[COMPLETION])
     gw = gateway(up, router={"breaker_cooldown": 30}, models=PRIMARY_FIRST)
     served = dispatch.Served()
-    await dispatch.complete(gw, request(), served)
+    await gw.complete(request(), served)
     assert up.calls == [(0.0, "p1"), (0.0, "p2")]  # no retry of p1, no backoff
     assert gw.router.states["p1/a"].breaker.state == "open"
     await trio.sleep(29.9)
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls[-1] == (29.9, "p2")
     await trio.sleep(0.1)
     up.behaviours["p1"] = [COMPLETION]
-    await dispatch.complete(gw, request(), dispatch.Served())
+    await gw.complete(request(), dispatch.Served())
     assert up.calls[-1] == (30.0, "p1")  # half-open probe succeeded
     assert gw.router.states["p1/a"].breaker.state == "closed"
 
@@ -156,7 +169,7 @@ async def test_400_goes_back_at_once(autojump_clock):
     up = ScriptedUpstream(p1=[err(400)], p2=[COMPLETION])
     gw = gateway(up, models=PRIMARY_FIRST)
     with pytest.raises(UpstreamStatusError) as info:
-        await dispatch.complete(gw, request(), dispatch.Served())
+        await gw.complete(request(), dispatch.Served())
     assert info.value.status == 400
     assert up.calls == [(0.0, "p1")]
 
@@ -167,7 +180,7 @@ async def test_retries_exhausted_then_fallback_model(autojump_clock):
               "backup": {"deployments": [{"provider": "p2", "model": "b"}]}}
     gw = gateway(up, router={"retries": 2, "backoff_initial": 1, "backoff_max": 1}, models=models)
     served = dispatch.Served()
-    await dispatch.complete(gw, request(), served)
+    await gw.complete(request(), served)
     assert [name for _, name in up.calls] == ["p1", "p1", "p1", "p2"]
     assert served.fallback and served.deployment == "p2/b" and served.attempts == 4
 
@@ -179,7 +192,7 @@ async def test_context_length_error_goes_to_the_context_window_fallback(autojump
                     "context_window_fallback": "big"},
               "big": {"deployments": [{"provider": "p2", "model": "large"}]}}
     served = dispatch.Served()
-    await dispatch.complete(gateway(up, models=models), request(), served)
+    await gateway(up, models=models).complete(request(), served)
     assert served.deployment == "p2/large" and served.fallback
 
 
@@ -187,10 +200,10 @@ async def test_all_breakers_open_is_503_with_retry_after(autojump_clock):
     up = ScriptedUpstream(p1=[err(401)], p2=[err(403)])
     gw = gateway(up, router={"breaker_cooldown": 30})
     with pytest.raises(UpstreamStatusError):
-        await dispatch.complete(gw, request(), dispatch.Served())
+        await gw.complete(request(), dispatch.Served())
     await trio.sleep(10)
     with pytest.raises(NoHealthyDeployment) as info:
-        await dispatch.complete(gw, request(), dispatch.Served())
+        await gw.complete(request(), dispatch.Served())
     assert info.value.status == 503
     assert dict(info.value.headers())[b"retry-after"] == b"20"
 
@@ -200,7 +213,7 @@ async def test_request_timeout_bounds_retries(autojump_clock):
     gw = gateway(up, router={"retries": 100, "backoff_initial": 1, "backoff_max": 1,
                              "request_timeout": 5, "breaker_failures": 1000})
     with pytest.raises(UpstreamTimeout, match="request_timeout"):
-        await dispatch.complete(gw, request(), dispatch.Served())
+        await gw.complete(request(), dispatch.Served())
     assert trio.current_time() == 5.0
 
 
@@ -215,7 +228,7 @@ async def test_ttft_timeout_fails_over_before_any_byte(autojump_clock):
         emitted.append((trio.current_time(), chunks))
 
     served = dispatch.Served()
-    await dispatch.stream(gw, request(stream=True), emit, served)
+    await gw.stream(request(stream=True), emit, served)
     assert up.calls == [(0.0, "p1"), (2.0, "p2")]
     assert emitted[0][0] == 2.5  # role chunk held back until the first token, then both at once
     assert b'"role"' in emitted[0][1][0] and b'"Hi"' in emitted[0][1][1]
@@ -229,7 +242,7 @@ async def test_ttft_timeout_per_deployment_overrides_model_and_router(autojump_c
     up = ScriptedUpstream(p1=[Body([(0, ROLE), (1.5, TOKEN), (0, END)])],
                           p2=[Body([(0, ROLE), (4.5, TOKEN), (0, END)])])
     gw = gateway(up, router={"ttft_timeout": 0.1}, models=models)
-    await dispatch.stream(gw, request(stream=True), _sink, dispatch.Served())
+    await gw.stream(request(stream=True), _sink, dispatch.Served())
     assert up.calls == [(0.0, "p1"), (1.0, "p2")]  # p1 gave up at 1 s; p2 had 5 s and needed 4.5
 
 
@@ -248,7 +261,7 @@ async def test_failure_after_the_first_token_is_not_retried(autojump_clock):
 
     served = dispatch.Served()
     with pytest.raises(UpstreamError, match="reset"):
-        await dispatch.stream(gw, request(stream=True), emit, served)
+        await gw.stream(request(stream=True), emit, served)
     assert [name for _, name in up.calls] == ["p1"] and served.committed
     assert len(emitted) == 2  # role + token reached the client; no silent switch
 
@@ -276,10 +289,10 @@ async def test_saturated_deployment_waits_queue_timeout_then_moves_on(autojump_c
     up = ScriptedUpstream(p1=[hold], p2=[COMPLETION])
     gw = gateway(up, router={"queue_timeout": 0.5}, models=models)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(dispatch.stream, gw, request(stream=True), _sink, dispatch.Served())
+        nursery.start_soon(gw.stream, request(stream=True), _sink, dispatch.Served())
         await trio.sleep(1)
         served = dispatch.Served()
-        await dispatch.complete(gw, request(), served)
+        await gw.complete(request(), served)
         assert served.deployment == "p2/b" and trio.current_time() == 1.5
 
 
@@ -288,10 +301,10 @@ async def test_saturated_with_nowhere_else_is_429(autojump_clock):
     up = ScriptedUpstream(p1=[Body([(0, ROLE), (10, TOKEN), (0, END)])])
     gw = gateway(up, router={"queue_timeout": 0.5}, models=models)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(dispatch.stream, gw, request(stream=True), _sink, dispatch.Served())
+        nursery.start_soon(gw.stream, request(stream=True), _sink, dispatch.Served())
         await trio.sleep(1)
         with pytest.raises(Saturated) as info:
-            await dispatch.complete(gw, request(), dispatch.Served())
+            await gw.complete(request(), dispatch.Served())
         assert info.value.status == 429 and dict(info.value.headers())[b"retry-after"] == b"1"
 
 
@@ -300,13 +313,13 @@ async def test_bypass_goes_straight_to_the_first_deployment_once(autojump_clock)
     gw = gateway(up, models=PRIMARY_FIRST)
     gw.router.bypass = True
     with pytest.raises(UpstreamStatusError):
-        await dispatch.complete(gw, request(), dispatch.Served())
+        await gw.complete(request(), dispatch.Served())
     assert up.calls == [(0.0, "p1")]
     assert gw.router.states["p1/a"].breaker.consecutive_failures == 0  # breaker out of the way
 
 
 def test_bypass_from_the_environment():
-    config = gateway(ScriptedUpstream()).config
+    config = routing_config()
     assert Router(config, environ={"BYPASS_ROUTER": "true"}).bypass
     assert not Router(config, environ={"BYPASS_ROUTER": "false"}).bypass
 
@@ -320,14 +333,14 @@ async def test_pinned_model_and_deployment_header(autojump_clock):
     up = ScriptedUpstream(p1=[COMPLETION], p2=[err(503)])
     gw = gateway(up, models=models)
     with pytest.raises(UpstreamStatusError):  # pinned: one attempt, no failover
-        await dispatch.complete(gw, request(model="fast"), dispatch.Served())
+        await gw.complete(request(model="fast"), dispatch.Served())
     assert up.calls == [(0.0, "p2")]
     served = dispatch.Served(requested="p1/a")
-    await dispatch.complete(gw, request(model="m"), served)
+    await gw.complete(request(model="m"), served)
     assert served.deployment == "p1/a"
     with pytest.raises(InvalidRequest):
-        await dispatch.complete(gw, request(model="m"), dispatch.Served(requested="nope"))
+        await gw.complete(request(model="m"), dispatch.Served(requested="nope"))
     served = dispatch.Served(requested="p2/b")  # not allowed on "closed": the header is ignored
     up.behaviours["p2"] = [COMPLETION]
-    await dispatch.complete(gw, request(model="closed"), served)
+    await gw.complete(request(model="closed"), served)
     assert served.attempts == 1

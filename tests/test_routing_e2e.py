@@ -10,7 +10,7 @@ import trio
 
 from proxy.server.app import Gateway
 from proxy.config import parse_config
-from proxy.testing.fake_provider import FakeControl, FakeProvider, FakeSettings
+from proxy.testing.fake import FakeControl, FakeProvider, FakeSettings
 from proxy.server.serve import serve
 
 from .conftest import MASTER_KEY, chat_body, parse_sse

@@ -9,7 +9,7 @@ Two renderings of the same error: `to_body()` is OpenAI's shape (every endpoint 
 `to_anthropic_body()` is Anthropic's `{"type": "error", "error": {"type", "message"}}`, used on
 `/v1/messages` so the `anthropic` SDK raises its own matching exception class.
 
-Retry classification lives in one place, `proxy/retry_policy.classify`. Anthropic's
+Retry classification lives in one place, `proxy.routing.policy.classify`. Anthropic's
 `overloaded_error` (HTTP 529, or an `error` event mid-stream) becomes an `UpstreamStatusError`
 with `upstream_status = 529`: the client sees 502 like any provider 5xx, and the router retries it
 exactly like a 503.
@@ -28,12 +28,16 @@ exactly like a 503.
     │   │   └── UpstreamRateLimited   429 passed through with its Retry-After
     │   ├── ToolArgumentsInvalid      a finished tool call's arguments fail its schema (tool_arguments = "validate")
     │   └── UpstreamTimeout           504 (connect, first byte or read took too long)
+    │       └── FirstTokenTimeout     no first token within ttft_timeout (the router fails over)
+    ├── Saturated                     429 gateway_saturated (a deployment's max_concurrency stayed full)
+    ├── NoHealthyDeployment           503 no_healthy_deployment (or 429 when only rate-limit cooling)
     ├── ClientStalled                 (a write to the client stayed pending past write_timeout)
     └── ShuttingDown                  503 (the drain timeout ended the stream)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -192,3 +196,38 @@ class ShuttingDown(GatewayError):
     status = 503
     type = "api_error"
     code = "server_shutting_down"
+
+
+class Saturated(GatewayError):
+    """A deployment's own max_concurrency stayed full for queue_timeout (our admission control)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "gateway_saturated"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]
+
+
+class NoHealthyDeployment(GatewayError):
+    """Every deployment of the model and its fallbacks is open or cooling down (503), or only
+    cooling down after provider 429s with a long Retry-After (429)."""
+
+    status = 503
+    type = "api_error"
+    code = "no_healthy_deployment"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, rate_limited: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        if rate_limited:  # only cooling after providers' 429s: say so, as the provider would
+            self.status, self.type, self.code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
+
+
+class FirstTokenTimeout(UpstreamTimeout):
+    code = "first_token_timeout"

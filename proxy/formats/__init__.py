@@ -1,22 +1,15 @@
 """One seam for every provider: adapters are pure translation, behind one Protocol.
 
-An adapter turns the canonical request (OpenAI-shaped, `proxy.chat_request.ChatRequest`) into a
+An adapter turns the canonical request (OpenAI-shaped, `proxy.core.request.ChatRequest`) into a
 `WireRequest`, and the provider's bytes back into canonical chunks, completions and errors. It does
-no I/O: `proxy/upstream.py` is the only module that talks to the network. That keeps adapters
+no I/O: `proxy/transport/upstream.py` is the only module that talks to the network. That keeps adapters
 testable byte by byte and lets one contract test suite (tests/test_providers_contract.py) run
 over all of them.
 
-Canonical usage (in a chunk's or a completion's `usage`) is OpenAI's shape plus one field:
-
-    {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C,
-     "prompt_tokens_details": {"cached_tokens": R, "cache_write_tokens": W}}
-
-`prompt_tokens` counts every input token, read from cache (R) or written to it (W) included, as
-OpenAI counts them; `cache_write_tokens` is ours (Anthropic's `cache_creation_input_tokens`;
-OpenAI has no such count). `/v1/messages` turns it back into Anthropic's fields, where
-`input_tokens = P - R - W`.
+Canonical usage is described in `proxy/core/usage.py`.
 
 Kinds: openai / openai-compatible (`openai.py`), anthropic (`anthropic.py`), ollama (`ollama.py`).
+The Anthropic Messages API that our own /v1/messages speaks is `messages_api.py`.
 """
 
 from __future__ import annotations
@@ -63,15 +56,6 @@ Chunk = bytes | dict[str, Any] | RawEvent
 # Key of a canonical completion that also carries the provider's own Anthropic message
 # (passthrough, non-streaming): /v1/messages answers with it as-is. Never reaches OpenAI clients.
 ANTHROPIC_MESSAGE = "x_anthropic_message"
-
-
-def usage(prompt: int, completion: int, cached: int = 0, cache_write: int = 0) -> dict[str, Any]:
-    """The canonical usage object (see the module docstring)."""
-    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                           "total_tokens": prompt + completion}
-    if cached or cache_write:
-        out["prompt_tokens_details"] = {"cached_tokens": cached, "cache_write_tokens": cache_write}
-    return out
 
 
 class StreamParser(Protocol):

@@ -34,7 +34,8 @@ from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.sse import SSEDecoder, SSEError
-from proxy.formats import ANTHROPIC_MESSAGE, RawEvent, WireRequest, redact, usage
+from proxy.formats import ANTHROPIC_MESSAGE, RawEvent, WireRequest, redact
+from proxy.core.usage import usage
 
 DEFAULT_VERSION = "2023-06-01"
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",

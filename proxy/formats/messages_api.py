@@ -29,7 +29,8 @@ import orjson
 
 from proxy.core.request import ChatRequest, load_request_object
 from proxy.core.errors import GatewayError, InvalidRequest
-from proxy.formats import RawEvent
+from proxy.core.usage import Usage
+from proxy.formats import ANTHROPIC_MESSAGE, RawEvent
 from proxy.core.sse import encode_event
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -261,11 +262,37 @@ def error_event(error: GatewayError) -> bytes:
     return _event("error", error.to_anthropic_body())
 
 
+class MessagesAPI:
+    """What the generic chat endpoint (`proxy/server/endpoints.py`) needs of a client format:
+    Anthropic's request, stream, answer and error shapes, and its `x-api-key` header."""
+
+    name = "messages"
+    api_key_header: bytes | None = b"x-api-key"  # the anthropic SDK's way; Bearer works too
+
+    def parse(self, body: bytes, headers: dict[bytes, bytes]) -> ChatRequest:
+        beta = headers.get(b"anthropic-beta")
+        return parse_messages_request(body, beta.decode("latin-1") if beta is not None else None)
+
+    def stream_encoder(self, request: ChatRequest, usage: Usage) -> "StreamEncoder":
+        return StreamEncoder(request.model, usage)
+
+    def completion(self, completion: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
+        message = completion.get(ANTHROPIC_MESSAGE)  # a passthrough answer, as the provider wrote it
+        return message if message is not None else to_message(completion, request.model)
+
+    def error_body(self, error: GatewayError) -> dict[str, Any]:
+        return error.to_anthropic_body()
+
+    def error_event(self, error: GatewayError) -> bytes:
+        return error_event(error)
+
+
 class StreamEncoder:
     """Canonical chunks -> Anthropic SSE bytes, for one stream. Call `finish()` at the clean end."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, record: Usage | None = None):
         self._model = model
+        self._record = record if record is not None else Usage()  # the request's usage (logs)
         self._started = False
         self._block: int | None = None  # the open content block's index
         self._blocks = 0
@@ -277,11 +304,13 @@ class StreamEncoder:
 
     def encode(self, chunks: list[Any]) -> bytes:
         out: list[bytes] = []
+        self._record.streamed_chunks += len(chunks)
         for chunk in chunks:
             if isinstance(chunk, RawEvent):
                 self._raw = True
                 if chunk.usage is not None:
                     self.usage = chunk.usage
+                    self._record.update(chunk.usage)
                 out.append(encode_event(chunk.data, chunk.event))
                 continue
             if isinstance(chunk, bytes):
@@ -329,6 +358,7 @@ class StreamEncoder:
         self._start(out, chunk.get("id"))
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+            self._record.update(chunk["usage"])
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue  # Anthropic has one answer per request

@@ -23,7 +23,8 @@ import orjson
 from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from proxy.formats import WireRequest, redact, usage
+from proxy.formats import WireRequest, redact
+from proxy.core.usage import usage
 
 
 class OllamaAdapter:

@@ -18,22 +18,19 @@ switch — a failure ends the stream with an error event, as the relay does.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
 
 from proxy.core.request import ChatRequest
-from proxy.core.errors import GatewayError, UpstreamTimeout
+from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout
 from proxy.formats import Chunk
-from proxy.routing.policy import (Action, FirstTokenTimeout, NoHealthyDeployment, backoff, classify,
-                           retry_after_seconds)
-from proxy.routing.router import DeploymentState
-
-if TYPE_CHECKING:
-    from proxy.server.app import Gateway
+from proxy.routing.policy import Action, backoff, classify, retry_after_seconds
+from proxy.formats import ProviderAdapter
+from proxy.routing.router import DeploymentState, Router
+from proxy.transport.upstream import Upstream
 
 Emit = Callable[[list[Chunk]], Awaitable[None]]
 T = TypeVar("T")
@@ -56,54 +53,6 @@ class Served:
                 (b"x-gateway-fallback", b"true" if self.fallback else b"false")]
 
 
-async def stream(gateway: "Gateway", request: ChatRequest, emit: Emit, served: Served) -> None:
-    """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure."""
-
-    async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
-        adapter = gateway.adapters[state.deployment.provider]
-        wire = adapter.chat_request(request, model)
-        deadline = trio.current_time() + ttft if ttft else math.inf
-        async with contextlib.AsyncExitStack() as stack:
-            held: list[Chunk] = []
-            data = b"-"
-            # The TTFT deadline covers connecting, the response headers and the wait for the first
-            # token — and nothing after: the scope closes before anything reaches the client.
-            with trio.move_on_at(deadline) as waiting:
-                body = await stack.enter_async_context(gateway.upstream.stream(adapter, wire))
-                parser = adapter.stream_parser(gateway.config.server.max_event_bytes, request)
-                while data and not any(map(_is_token, held)):
-                    data = await body.next()
-                    held += parser.feed(data) if data else parser.close()
-                    if parser.failed is not None:
-                        raise parser.failed
-            if waiting.cancelled_caught:
-                raise FirstTokenTimeout(f"provider {adapter.name}: no first token within {ttft} s "
-                                        "(ttft_timeout)")
-            served.committed = True
-            if held:
-                await emit(held)
-            while data:
-                data = await body.next()
-                chunks = parser.feed(data) if data else parser.close()
-                if chunks:
-                    await emit(chunks)
-                if parser.failed is not None:
-                    raise parser.failed
-
-    await run(gateway, request.model, served, attempt)
-
-
-async def complete(gateway: "Gateway", request: ChatRequest, served: Served) -> dict[str, Any]:
-    """The whole answer as a canonical (OpenAI chat.completion) dict; raise GatewayError on failure."""
-
-    async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
-        adapter = gateway.adapters[state.deployment.provider]
-        raw = await gateway.upstream.request(adapter, adapter.chat_request(request, model))
-        return adapter.parse_completion(raw, request)
-
-    return await run(gateway, request.model, served, attempt)
-
-
 def _is_token(chunk: Chunk) -> bool:
     """Does this chunk carry something the client must see (content, a tool call, the end)?"""
     if isinstance(chunk, bytes):
@@ -122,114 +71,180 @@ def _is_token(chunk: Chunk) -> bool:
     return False
 
 
-async def run(gateway: "Gateway", model: str, served: Served, attempt: Attempt[T]) -> T:
-    """Any call to `model`'s deployments under the routing rules: `attempt(state, model_name,
-    ttft_timeout)` makes one try; this decides which deployments, how often, and when."""
-    router = gateway.router
-    settings = router.settings
-    route = router.check_model(model)
-    pinned = router.pinned(route, served.requested)
-    if router.bypass:  # straight to the first deployment: nothing of the router in the way
-        state = router.states[route.deployments[0].name]
-        return await _once(gateway, model, served, state, route, attempt, gate=False, track=False)
-    if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
-        return await _once(gateway, model, served, pinned, route, attempt, gate=False)
-    try:
-        with trio.fail_after(settings.request_timeout):
-            return await _with_failover(gateway, model, served, route, attempt)
-    except trio.TooSlowError:
-        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
-                              f"after {served.attempts} attempts") from None
+
+class Failover:
+    """Calls providers for the endpoints under the routing rules: the router decides where, the
+    upstream carries the bytes, the adapters translate. Nothing else of the server is reached."""
+
+    def __init__(self, router: Router, upstream: Upstream, adapters: Mapping[str, ProviderAdapter],
+                 max_event_bytes: int):
+        self.router = router
+        self.upstream = upstream
+        self.adapters = adapters
+        self.max_event_bytes = max_event_bytes
+
+    async def stream(self, request: ChatRequest, emit: Emit, served: Served) -> None:
+        """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure."""
+
+        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
+            adapter = self.adapters[state.deployment.provider]
+            wire = adapter.chat_request(request, model)
+            # The TTFT deadline covers connecting, the response headers and the wait for the first
+            # token — and nothing after. It shares the upstream's one timer (no scope of our own).
+            deadline = trio.current_time() + ttft if ttft else math.inf
+            async with self.upstream.stream(adapter, wire, ttft_deadline=deadline) as body:
+                parser = adapter.stream_parser(self.max_event_bytes, request)
+                held: list[Chunk] = []
+                data = b"-"
+                while data and not any(map(_is_token, held)):
+                    data = await body.next()
+                    held += parser.feed(data) if data else parser.close()
+                    if parser.failed is not None:
+                        raise parser.failed
+                served.committed = True  # chunks are held back until here: failover stays invisible
+                body.first_output()
+                if held:
+                    await emit(held)
+                while data:
+                    data = await body.next()
+                    chunks = parser.feed(data) if data else parser.close()
+                    if chunks:
+                        await emit(chunks)
+                    if parser.failed is not None:
+                        raise parser.failed
+
+        await self.run(request.model, served, attempt)
 
 
-async def _with_failover(gateway: "Gateway", requested: str, served: Served, route: Any,
-                         attempt: Attempt[T]) -> T:
-    router = gateway.router
-    settings = router.settings
-    models = [route] + [router.check_model(name) for name in route.fallbacks]
-    last_error: GatewayError | None = None
-    index = 0
-    while index < len(models):
-        group = models[index]
-        excluded: set[str] = set()
-        tried: set[str] = set()
-        retries = 0
-        while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
-            tried.add(state.name)
-            served.fallback = index > 0
-            try:
-                return await _once(gateway, requested, served, state, group, attempt)
-            except GatewayError as error:
-                if served.committed:
-                    raise
-                last_error = error
-                action = classify(error)
-                if action is Action.FATAL:
-                    raise
-                if action is Action.CONTEXT:
-                    if not group.context_window_fallback:
+    async def complete(self, request: ChatRequest, served: Served) -> dict[str, Any]:
+        """The whole answer as a canonical (OpenAI chat.completion) dict; raise GatewayError on failure."""
+
+        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+            adapter = self.adapters[state.deployment.provider]
+            raw = await self.upstream.request(adapter, adapter.chat_request(request, model))
+            return adapter.parse_completion(raw, request)
+
+        return await self.run(request.model, served, attempt)
+
+
+    async def embeddings(self, body: dict[str, Any], served: Served) -> dict[str, Any]:
+        """An embeddings request (already validated) in OpenAI's list shape."""
+
+        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+            adapter = self.adapters[state.deployment.provider]
+            wire = adapter.embeddings_request(body, model)  # 400 for a kind without embeddings
+            return adapter.parse_embeddings(await self.upstream.request(adapter, wire))
+
+        return await self.run(body["model"], served, attempt)
+
+    async def run(self, model: str, served: Served, attempt: Attempt[T]) -> T:
+        """Any call to `model`'s deployments under the routing rules: `attempt(state, model_name,
+        ttft_timeout)` makes one try; this decides which deployments, how often, and when."""
+        router = self.router
+        settings = router.settings
+        route = router.check_model(model)
+        pinned = router.pinned(route, served.requested)
+        if router.bypass:  # straight to the first deployment: nothing of the router in the way
+            state = router.states[route.deployments[0].name]
+            return await self._once(model, served, state, route, attempt, gate=False, track=False)
+        if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
+            return await self._once(model, served, pinned, route, attempt, gate=False)
+        try:
+            with trio.fail_after(settings.request_timeout):
+                return await self._with_failover(model, served, route, attempt)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
+                                  f"after {served.attempts} attempts") from None
+
+
+    async def _with_failover(self, requested: str, served: Served, route: Any,
+                             attempt: Attempt[T]) -> T:
+        router = self.router
+        settings = router.settings
+        models = [route] + [router.check_model(name) for name in route.fallbacks]
+        last_error: GatewayError | None = None
+        index = 0
+        while index < len(models):
+            group = models[index]
+            excluded: set[str] = set()
+            tried: set[str] = set()
+            retries = 0
+            while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
+                tried.add(state.name)
+                served.fallback = index > 0
+                try:
+                    return await self._once(requested, served, state, group, attempt)
+                except GatewayError as error:
+                    if served.committed:
                         raise
-                    models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
-                    break
-                if action in (Action.UNUSABLE, Action.SKIP):
-                    excluded.add(state.name)
-                    continue
-                if retries >= settings.retries:
-                    break  # this model's retries are spent: its fallbacks next
-                wait = retry_after_seconds(error)
-                if wait is not None and wait > settings.retry_after_max:
-                    state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
-                    excluded.add(state.name)
-                    continue
-                retries += 1
-                if action is Action.RETRY:
-                    await trio.sleep(wait if wait is not None else
-                                     backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
-                                             router.rng))
-        index += 1
-    if last_error is not None:
-        raise last_error
-    wait, cooling_only = router.unavailable_for(models, trio.current_time())
-    raise NoHealthyDeployment(f"no deployment of model '{route.name}' (or its fallbacks) is available: "
-                              + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
-                              retry_after=wait, rate_limited=cooling_only)
+                    last_error = error
+                    action = classify(error)
+                    if action is Action.FATAL:
+                        raise
+                    if action is Action.CONTEXT:
+                        if not group.context_window_fallback:
+                            raise
+                        models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
+                        break
+                    if action in (Action.UNUSABLE, Action.SKIP):
+                        excluded.add(state.name)
+                        continue
+                    if retries >= settings.retries:
+                        break  # this model's retries are spent: its fallbacks next
+                    wait = retry_after_seconds(error)
+                    if wait is not None and wait > settings.retry_after_max:
+                        state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
+                        excluded.add(state.name)
+                        continue
+                    retries += 1
+                    if action is Action.RETRY:
+                        await trio.sleep(wait if wait is not None else
+                                         backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
+                                                 router.rng))
+            index += 1
+        if last_error is not None:
+            raise last_error
+        wait, cooling_only = router.unavailable_for(models, trio.current_time())
+        raise NoHealthyDeployment(f"no deployment of model '{route.name}' (or its fallbacks) is available: "
+                                  + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
+                                  retry_after=wait, rate_limited=cooling_only)
 
 
-async def _once(gateway: "Gateway", requested: str, served: Served, state: DeploymentState,
-                route: Any, attempt: Attempt[T], *, gate: bool = True, track: bool = True) -> T:
-    """One attempt on one deployment, with admission control and breaker bookkeeping.
+    async def _once(self, requested: str, served: Served, state: DeploymentState,
+                    route: Any, attempt: Attempt[T], *, gate: bool = True, track: bool = True) -> T:
+        """One attempt on one deployment, with admission control and breaker bookkeeping.
 
-    gate: the breaker may refuse (half-open admits one probe); track: outcomes feed the breaker.
-    """
-    router = gateway.router
-    model = state.deployment.model or requested
-    served.attempts += 1
-    served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
-    await router.admit(state)
-    state.requests += 1
-    if gate and not state.breaker.acquire(trio.current_time()):
-        router.release(state)
-        raise NoHealthyDeployment(f"deployment {state.name} is not available (circuit open)")
-    outcome = False
-    try:
-        result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
-        outcome = True
-        state.successes += 1
-        if track:
-            state.breaker.success(trio.current_time())
-        return result
-    except GatewayError as error:
-        outcome = True
-        state.failures += 1
-        state.last_error = f"{error.code or error.type}: {error.message}"[:300]
-        action = classify(error)
-        if track and action in (Action.RETRY, Action.FAILOVER, Action.UNUSABLE):
-            state.breaker.failure(trio.current_time(), fatal=action is Action.UNUSABLE,
-                                  reason=state.last_error)
-        elif track:
-            state.breaker.release()
-        raise
-    finally:
-        if not outcome and track:
-            state.breaker.release()  # cancelled (client left): no verdict on the deployment
-        router.release(state)
+        gate: the breaker may refuse (half-open admits one probe); track: outcomes feed the breaker.
+        """
+        router = self.router
+        model = state.deployment.model or requested
+        served.attempts += 1
+        served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
+        await router.admit(state)
+        state.requests += 1
+        if gate and not state.breaker.acquire(trio.current_time()):
+            router.release(state)
+            raise NoHealthyDeployment(f"deployment {state.name} is not available (circuit open)")
+        outcome = False
+        try:
+            result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
+            outcome = True
+            state.successes += 1
+            if track:
+                state.breaker.success(trio.current_time())
+            return result
+        except GatewayError as error:
+            outcome = True
+            state.failures += 1
+            state.last_error = f"{error.code or error.type}: {error.message}"[:300]
+            action = classify(error)
+            if track and action in (Action.RETRY, Action.FAILOVER, Action.UNUSABLE):
+                state.breaker.failure(trio.current_time(), fatal=action is Action.UNUSABLE,
+                                      reason=state.last_error)
+            elif track:
+                state.breaker.release()
+            raise
+        finally:
+            if not outcome and track:
+                state.breaker.release()  # cancelled (client left): no verdict on the deployment
+            router.release(state)

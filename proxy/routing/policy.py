@@ -18,10 +18,10 @@ honoured when it is at most `retry_after_max`; beyond that we fail over instead 
 from __future__ import annotations
 
 import enum
-import math
 import random
 
-from proxy.core.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
+from proxy.core.errors import (FirstTokenTimeout, GatewayError, NoHealthyDeployment, Saturated, UpstreamError,
+                               UpstreamStatusError, UpstreamTimeout)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
@@ -34,41 +34,6 @@ class Action(enum.Enum):
     CONTEXT = "context"
     FATAL = "fatal"
     SKIP = "skip"
-
-
-class Saturated(GatewayError):
-    """A deployment's own max_concurrency stayed full for queue_timeout (our admission control)."""
-
-    status = 429
-    type = "rate_limit_error"
-    code = "gateway_saturated"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", b"1")]
-
-
-class NoHealthyDeployment(GatewayError):
-    """Every deployment of the model and its fallbacks is open or cooling down (503), or only
-    cooling down after provider 429s with a long Retry-After (429)."""
-
-    status = 503
-    type = "api_error"
-    code = "no_healthy_deployment"
-
-    def __init__(self, message: str, *, retry_after: float | None = None, rate_limited: bool = False):
-        super().__init__(message)
-        self.retry_after = retry_after
-        if rate_limited:  # only cooling after providers' 429s: say so, as the provider would
-            self.status, self.type, self.code = 429, "rate_limit_error", "rate_limit_exceeded"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        if self.retry_after is None:
-            return []
-        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
-
-
-class FirstTokenTimeout(UpstreamTimeout):
-    code = "first_token_timeout"
 
 
 def classify(error: GatewayError) -> Action:

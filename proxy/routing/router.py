@@ -28,7 +28,7 @@ import trio
 from proxy.routing.breaker import Breaker, BreakerSettings
 from proxy.config import Config, Deployment, ModelRoute
 from proxy.core.errors import InvalidRequest, ModelNotFound
-from proxy.routing.policy import Saturated
+from proxy.core.errors import Saturated
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 

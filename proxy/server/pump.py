@@ -1,47 +1,52 @@
-"""The relay: one streaming response, upstream reader -> bounded channel -> client writer.
+"""The stream pump: one streaming response, upstream reader -> bounded channel -> client writer.
 
-    provider ──httpx──> [reader task] ──memory channel (stream_buffer slots)──> [writer] ──ASGI send──> client
-                                                                        [guard task: disconnect + write deadline]
+    provider ──> [reader task: produce()] ──memory channel (stream_buffer items)──> [writer] ──ASGI send──> client
+                                                       [watchdog task: disconnect, write deadline, keep-alive]
 
 Rules:
-- The channel is the only buffer of a stream. It holds at most `stream_buffer` encoded SSE events,
-  each at most `max_event_bytes` (the SSE decoder refuses bigger ones). When the client reads
-  slowly, `send()` blocks (hypercorn returns only once bytes reach the kernel), the channel
-  fills, the reader blocks, and httpx stops reading: the provider is throttled by TCP.
+- The channel is the only buffer of a stream: at most `stream_buffer` items, each the encoded
+  events of one upstream read (so at most `stream_buffer` × the largest upstream read, and no
+  event larger than `max_event_bytes`, which the SSE decoder refuses). When the client reads
+  slowly, `send()` blocks (hypercorn returns once bytes reach the kernel), the channel fills,
+  the reader blocks and stops reading the provider's socket: TCP throttles the provider.
 - Per-write deadline: hypercorn shields its socket writes from cancellation, so a timeout around
-  `send()` never fires. Instead the writer moves the deadline of the guard's cancel scope before
-  each write and clears it after; if a write stays pending past `write_timeout`, the guard raises
-  `ClientStalled`, which cancels the nursery: the reader (and with it the upstream socket) is
-  released at once, while the stuck write itself is ended by the kernel (TCP_USER_TIMEOUT,
-  `proxy/server.py`).
+  `send()` never fires. The watchdog holds one alarm (a cancel scope around its `receive()`);
+  when it rings while a write has been pending for `write_timeout`, it raises `ClientStalled`,
+  which cancels the nursery: the reader, and with it the upstream socket, is released at once;
+  the stuck write itself is ended by the kernel (TCP_USER_TIMEOUT, `proxy/server/serve.py`).
+- The alarm is lazy, so the per-event path moves no deadline and opens no cancel scope: the
+  writer only stamps when its write began. The alarm never rings later than `write_timeout`
+  after a write could have begun; when it rings early it re-arms for the exact due time (a
+  pending write's start + write_timeout, or the next keep-alive). Cost: one wake-up per
+  `min(write_timeout, keepalive_interval)` per stream, not one per event.
+- Keep-alive: while no event arrives for `keepalive_interval` (a slow first token), the watchdog
+  queues a comment; when the channel is full the writer is busy anyway and none is needed.
 - A client disconnect arrives only as `http.disconnect` from `receive()` (a send after it
-  silently succeeds), so the guard watches `receive()` and cancels the nursery.
-- Each event is written as soon as it arrives; only events already queued are joined into one
+  silently succeeds), so the watchdog watches `receive()` and cancels the nursery.
+- Each item is written as soon as it arrives; only items already queued are joined into one
   write (no added latency, ~10x fewer sends under load).
-- Errors travel through the channel in order. Before the first byte went out, an upstream error
-  becomes a proper HTTP error response (raised to the caller); after, an error event in the
-  client's format (`error_event`: OpenAI's `data: {"error": ...}` by default, Anthropic's
-  `event: error` on /v1/messages) and the stream ends without its clean-end marker — never a
-  fake clean end.
+- Errors travel through the channel in order, behind the events that preceded them. Before the
+  first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
+  it becomes an error event in the client's format (`error_event`) and the stream ends without
+  its clean-end marker — never a fake clean end.
+- A stream's life is one state (`StreamState`), moved forward in one place each.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import orjson
 import trio
 
 from proxy.core.errors import ClientStalled, GatewayError
 from proxy.core.sse import encode_comment, encode_event
+from proxy.server.asgi import Receive, Send
 
 log = logging.getLogger("proxy.server.pump")
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -51,12 +56,23 @@ SSE_HEADERS = [
 KEEPALIVE = encode_comment("keepalive")
 
 
+class StreamState(enum.Enum):
+    PENDING = "pending"            # nothing sent yet: an error can still be a proper HTTP status
+    STREAMING = "streaming"        # headers went out: errors are events from now on
+    FINISHED = "finished"          # the last write (more_body=False) has begun
+    FAILED = "failed"              # ended by an upstream error (event sent, or raised if PENDING)
+    DISCONNECTED = "disconnected"  # the client left
+    STALLED = "stalled"            # a write stayed pending past write_timeout
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """An error travelling through the channel behind the events that preceded it."""
 
     error: GatewayError
 
+
+END = Failure(None)  # type: ignore[arg-type]  # the producer finished cleanly
 
 Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
 
@@ -78,22 +94,21 @@ class Relay:
         self._keepalive = keepalive_interval
         self._headers = headers  # evaluated at the first write: routing may still be deciding
         self._error_event = error_event  # how a failure after the first byte is told (client format)
-        self._write_guard = trio.CancelScope()  # its deadline is "now + write_timeout" during a write
         self._reader_scope = trio.CancelScope()
         self._abort: GatewayError | None = None
-        self.started = False  # response headers went out: errors are events from now on
-        self.disconnected = False
-        self.finished = False  # the last write (more_body=False) has begun
-        self.stalled = False
+        self._write_began: float | None = None  # set while a write is pending
+        self._last_write = 0.0
+        self._headers_sent = False
+        self.state = StreamState.PENDING
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
 
     @property
     def outcome(self) -> str:
         """How the stream ended, for the log line: ok, client_disconnected, client_stalled, error:CODE."""
-        if self.disconnected:
+        if self.state is StreamState.DISCONNECTED:
             return "client_disconnected"
-        if self.stalled:
+        if self.state is StreamState.STALLED:
             return "client_stalled"
         if self.failure is not None:
             return f"error:{self.failure.code or self.failure.type}"
@@ -110,29 +125,52 @@ class Relay:
         Raises the upstream error if it came before any byte was sent (caller answers with it).
         """
         send_channel, receive_channel = trio.open_memory_channel(self._buffer)
+        self._last_write = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._guard, nursery.cancel_scope)
+                nursery.start_soon(self._watch, nursery.cancel_scope, send_channel.clone())
                 nursery.start_soon(self._read, produce, send_channel)
                 await self._write(receive_channel)
                 nursery.cancel_scope.cancel()
         except* ClientStalled:
-            self.stalled = True
+            self.state = StreamState.STALLED
             self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
-        if self.failure is not None and not self.started:
+        if self.state is StreamState.FAILED and not self._headers_sent:
             raise self.failure
 
-    async def _guard(self, cancel_relay: trio.CancelScope) -> None:
-        with self._write_guard:
+    # -- watchdog --
+
+    def _alarm_at(self, now: float) -> float:
+        """When the watchdog must look next (see the module docstring)."""
+        if self._write_began is not None:
+            return self._write_began + self._write_timeout
+        return min(self._last_write + self._keepalive, now + self._write_timeout)
+
+    async def _watch(self, cancel_relay: trio.CancelScope, keepalive: trio.MemorySendChannel) -> None:
+        with keepalive:
             while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    # After the last write, hypercorn reports the finished response as a
-                    # disconnect too: that is the end, not a client leaving.
-                    self.disconnected = not self.finished
-                    cancel_relay.cancel()
-                    return
-        raise ClientStalled("write deadline passed")
+                with trio.CancelScope(deadline=self._alarm_at(trio.current_time())):
+                    message = await self._receive()
+                    if message["type"] == "http.disconnect":
+                        # After the last write, hypercorn reports the finished response as a
+                        # disconnect too: that is the end, not a client leaving.
+                        if self.state in (StreamState.PENDING, StreamState.STREAMING):
+                            self.state = StreamState.DISCONNECTED
+                        cancel_relay.cancel()
+                        return
+                    continue
+                now = trio.current_time()
+                if self._write_began is not None:
+                    if now - self._write_began >= self._write_timeout:
+                        raise ClientStalled("write deadline passed")
+                elif now - self._last_write >= self._keepalive:
+                    self._last_write = now  # due again one interval from now, written or not
+                    try:
+                        keepalive.send_nowait(KEEPALIVE)
+                    except trio.WouldBlock:
+                        pass  # the channel is full: the writer has work, no comment needed
+
+    # -- reader --
 
     async def _read(self, produce: Producer, channel: trio.MemorySendChannel) -> None:
         async with channel:
@@ -141,68 +179,60 @@ class Relay:
                     await produce(channel)
                 except GatewayError as error:
                     await channel.send(Failure(error))
+                    return
                 except Exception:
                     log.exception("relay: producer failed")
                     await channel.send(Failure(GatewayError("internal error while streaming")))
-            if self._abort is not None:
-                await channel.send(Failure(self._abort))
+                    return
+            await channel.send(END if self._abort is None else Failure(self._abort))
+
+    # -- writer --
 
     async def _write(self, channel: trio.MemoryReceiveChannel) -> None:
         async with channel:
             while True:
                 try:
-                    item = await self._next(channel)
-                except trio.EndOfChannel:
-                    break
-                if item is None:  # nothing arrived for keepalive_interval
-                    await self._out(KEEPALIVE)
-                    continue
-                parts, failure = self._coalesce(item, channel)
+                    item = channel.receive_nowait()  # busy stream: no wait at all
+                except trio.WouldBlock:
+                    try:
+                        item = await channel.receive()
+                    except trio.EndOfChannel:  # every sender gone: the nursery is being cancelled
+                        return
+                parts: list[bytes] = []
+                while not isinstance(item, Failure):  # join whatever is already queued
+                    parts.append(item)
+                    try:
+                        item = channel.receive_nowait()
+                    except trio.WouldBlock:
+                        break
                 if parts:
-                    await self._out(b"".join(parts))
-                if failure is not None:
-                    await self._fail(failure.error)
+                    await self._out(b"".join(parts) if len(parts) > 1 else parts[0])
+                if isinstance(item, Failure):
+                    if item is END:
+                        await self._out(b"", more_body=False)
+                    else:
+                        await self._fail(item.error)
                     return
-        await self._out(b"", more_body=False)
-
-    async def _next(self, channel: trio.MemoryReceiveChannel) -> bytes | Failure | None:
-        """The next item, or None after keepalive_interval without one."""
-        try:
-            return channel.receive_nowait()  # busy stream: no timer needed
-        except trio.WouldBlock:
-            pass
-        with trio.move_on_after(self._keepalive):
-            return await channel.receive()
-        return None
-
-    @staticmethod
-    def _coalesce(item: bytes | Failure, channel: trio.MemoryReceiveChannel
-                  ) -> tuple[list[bytes], Failure | None]:
-        """The item plus whatever is already queued, stopping at a Failure or the end."""
-        parts: list[bytes] = []
-        while True:
-            if isinstance(item, Failure):
-                return parts, item
-            parts.append(item)
-            try:
-                item = channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return parts, None
 
     async def _fail(self, error: GatewayError) -> None:
         self.failure = error
-        if not self.started:
+        if self.state is StreamState.PENDING:
+            self.state = StreamState.FAILED
             return  # run() raises it: the caller can still answer with a proper status
-        await self._out(self._error_event(error), more_body=False)
+        await self._out(self._error_event(error), more_body=False, final_state=StreamState.FAILED)
 
-    async def _out(self, data: bytes, *, more_body: bool = True) -> None:
-        """One ASGI send under the write deadline (see module docstring)."""
-        self._write_guard.deadline = trio.current_time() + self._write_timeout
-        if not self.started:
-            self.started = True
+    async def _out(self, data: bytes, *, more_body: bool = True,
+                   final_state: StreamState = StreamState.FINISHED) -> None:
+        """One ASGI send, stamped for the watchdog (see the module docstring)."""
+        self._write_began = trio.current_time()
+        if not self._headers_sent:
+            self._headers_sent = True
+            self.state = StreamState.STREAMING
             await self._send({"type": "http.response.start", "status": 200,
                               "headers": SSE_HEADERS + self._headers()})
-        self.finished = not more_body
+        if not more_body:
+            self.state = final_state
         await self._send({"type": "http.response.body", "body": data, "more_body": more_body})
         self.bytes_written += len(data)
-        self._write_guard.deadline = math.inf
+        self._last_write = self._write_began
+        self._write_began = None

@@ -94,11 +94,11 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
         await stop.wait()
         gateway.draining = True
         log.info("shutting down: draining %d open requests for up to %.1f s",
-                 len(gateway.relays), server.drain_timeout)
+                 len(gateway.streams), server.drain_timeout)
         with trio.move_on_after(server.drain_timeout):
             await gateway.wait_idle()
-        if gateway.relays:
-            log.warning("drain timeout: ending %d open streams", len(gateway.relays))
+        if len(gateway.streams):
+            log.warning("drain timeout: ending %d open streams", len(gateway.streams))
             gateway.abort_streams(ShuttingDown("the gateway is shutting down; retry the request"))
             with trio.move_on_after(FINAL_WRITE_GRACE):
                 await gateway.wait_idle()

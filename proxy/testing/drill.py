@@ -30,7 +30,7 @@ import trio
 
 from proxy.server.app import Gateway
 from proxy.config import Config, ConfigError, load_config, parse_config
-from proxy.testing.fake_provider import FakeProvider, FakeSettings
+from proxy.testing.fake import FakeProvider, FakeSettings
 from proxy.formats import make_adapter
 from proxy.server.serve import serve
 

@@ -1,37 +1,45 @@
-"""The one module that talks to providers over the network (httpx, HTTP/1.1).
+"""The one module that talks to providers over the network (httpx's API, HTTP/1.1, our sockets).
 
 Rules, each from a measured failure (see PLATFORM-NOTES):
-- Not httpcore's connection pool: it scans every connection on every request (CPU grows with
-  open streams) and leaks slots under cancellation when capped (encode/httpcore#1093). Our
-  `LifoPoolTransport` (proxy/http_pool.py) is O(1) and uncapped; concurrency is bounded per
+- Requests are `httpx.Request`s sent through `SocketPoolTransport` (`proxy/transport/pool.py`):
+  raw trio sockets, our sans-IO HTTP/1.1 decoder, an O(1) LIFO keep-alive pool. Not httpcore's
+  pool: it scans every connection per request and leaks slots under cancellation when capped
+  (encode/httpcore#1093); and httpcore's read path (h11, generator layers, a cancel scope per
+  read) was a quarter of the gateway's CPU per relayed token. Concurrency is bounded per
   provider by a `trio.CapacityLimiter`, which is exact under cancellation.
-- HTTP/1.1 only: over HTTP/2 httpcore sends no RST_STREAM on cancel, so an abandoned stream keeps
-  generating (and billing) upstream. Over HTTP/1.1 a cancelled read closes the socket at once.
-- Timeouts are ours, not httpx's read timeout: `first_byte_timeout` covers sending the request
-  until the first body bytes (LLMs think first), `read_timeout` every later gap. Connect is short.
+- HTTP/1.1 only: a cancelled read closes the socket at once, so an abandoned stream stops
+  generating (and billing) upstream. (Over HTTP/2, httpcore sends no RST_STREAM on cancel.)
+- Timeouts are ours, on one cancel scope per request whose deadline moves — no scope per read:
+  `first_byte_timeout` runs from sending the request until the first output (a stream's first
+  token, `Body.first_output()`; a plain answer's first body bytes), `read_timeout` bounds every
+  later gap between reads (the time a stream waits for its client does not count). The TTFT
+  deadline of the router (`ttft_timeout`), when earlier, shares the same scope.
+- Bounded: a plain answer larger than `max_response_bytes` is a 502, never buffered whole; an
+  error body is read up to MAX_ERROR_BODY; compressed bodies are inflated step by step with a
+  bound per step (the transport), so the caps above count decoded bytes.
 - Foreign exceptions become `proxy.core.errors` classes here and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import AsyncIterator, Iterator
 
 import httpx
 import trio
 
 from proxy.config import ProviderConfig
-from proxy.transport.http_pool import LifoPoolTransport
-from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.core.errors import FirstTokenTimeout, UpstreamError, UpstreamTimeout
 from proxy.formats import ProviderAdapter, WireRequest
+from proxy.transport.pool import ResponseStream, SocketPoolTransport
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of a provider's error body we read to relay its message
+FOREIGN = (httpx.TransportError, httpx.StreamError)
 
 
 def _translate(error: Exception, provider: str) -> Exception:
     """A foreign exception as our error; anything unexpected is returned unchanged."""
-    if isinstance(error, trio.TooSlowError):
-        return UpstreamTimeout(f"provider {provider} timed out")
     if isinstance(error, httpx.ConnectTimeout):
         return UpstreamTimeout(f"provider {provider}: connect timed out")
     if isinstance(error, httpx.TimeoutException):
@@ -43,9 +51,6 @@ def _translate(error: Exception, provider: str) -> Exception:
     return error
 
 
-FOREIGN = (trio.TooSlowError, httpx.TransportError, httpx.StreamError)
-
-
 @contextlib.contextmanager
 def _map_exceptions(provider: str) -> Iterator[None]:
     try:
@@ -55,90 +60,123 @@ def _map_exceptions(provider: str) -> Iterator[None]:
 
 
 class Upstream:
-    def __init__(self, providers: dict[str, ProviderConfig]):
+    def __init__(self, providers: dict[str, ProviderConfig], transport: SocketPoolTransport | None = None):
         self._configs = providers
         self._limiters = {name: trio.CapacityLimiter(p.max_concurrency) for name, p in providers.items()}
-        # Requests go to the transport directly: AsyncClient's layers (auth, redirects, cookies,
-        # event hooks, a log line per request) do nothing for us and cost ~0.2 ms per request.
-        self.transport = LifoPoolTransport(keepalive_expiry=30.0)
+        self.transport = transport or SocketPoolTransport(keepalive_expiry=30.0)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    def _build(self, wire: WireRequest, config: ProviderConfig, read_timeout: float) -> httpx.Request:
-        return httpx.Request(
-            wire.method, wire.url, headers=wire.headers, content=wire.body,
-            extensions={"timeout": {"connect": config.connect_timeout, "read": read_timeout,
-                                    "write": config.read_timeout, "pool": None}},
-        )
+    @staticmethod
+    def _build(wire: WireRequest, config: ProviderConfig) -> httpx.Request:
+        # Only the connect (and request write) timeouts are the transport's; reads are ours.
+        return httpx.Request(wire.method, wire.url, headers=wire.headers, content=wire.body,
+                             extensions={"timeout": {"connect": config.connect_timeout,
+                                                     "write": config.read_timeout}})
 
     @contextlib.asynccontextmanager
-    async def stream(self, adapter: ProviderAdapter, wire: WireRequest) -> AsyncIterator[Body]:
+    async def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
+                     ttft_deadline: float = math.inf) -> AsyncIterator[Body]:
         """Open a streaming response; yields its `Body`.
 
         Error statuses raise before anything is yielded, so the caller can still answer with a
-        proper HTTP status. Leaving the block (normally or by cancellation) closes the socket.
+        proper HTTP status. Leaving the block (normally or by cancellation) closes the socket
+        unless the body was read to its clean end (then it goes back to the pool).
         """
         config = self._configs[adapter.name]
-        # httpcore reads the timeout extension when it starts reading headers and again when it
-        # starts reading the body: the same dict, changed in between, gives the first byte
-        # (headers) `first_byte_timeout` and every body read `read_timeout`, with no extra
-        # cancel scope per read on our side. tests/test_errors.py covers both timeouts.
-        request = self._build(wire, config, config.first_byte_timeout)
+        first_byte = trio.current_time() + config.first_byte_timeout
         async with self._limiters[adapter.name]:
-            with _map_exceptions(adapter.name):
-                response = await self.transport.handle_async_request(request)
-                request.extensions["timeout"]["read"] = config.read_timeout
-                try:
-                    if response.status_code >= 400:
-                        body = await _read_capped(response, config.read_timeout)
-                        raise adapter.parse_error(response.status_code, response.headers, body)
-                    yield Body(response, adapter.name)
-                finally:
-                    with trio.CancelScope(shield=True):  # closing must not be skipped by cancellation
-                        await response.aclose()
+            with trio.CancelScope(deadline=min(first_byte, ttft_deadline)) as timer:
+                with _map_exceptions(adapter.name):
+                    response = await self.transport.handle_async_request(self._build(wire, config))
+                    stream = response.stream
+                    assert isinstance(stream, ResponseStream)
+                    try:
+                        if response.status_code >= 400:
+                            body = await _read_capped(stream, MAX_ERROR_BODY)
+                            raise adapter.parse_error(response.status_code, response.headers, body)
+                        yield Body(stream, timer, config.read_timeout, adapter.name)
+                    finally:
+                        await stream.aclose()  # never awaits I/O: closes or pools the socket
+            if timer.cancelled_caught:
+                first = min(first_byte, ttft_deadline)
+                if timer.deadline == first and ttft_deadline < first_byte:
+                    raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
+                which = "first_byte_timeout" if timer.deadline == first else "read_timeout"
+                raise UpstreamTimeout(f"provider {adapter.name} timed out ({which})")
 
     async def request(self, adapter: ProviderAdapter, wire: WireRequest) -> bytes:
         """A non-streaming call: the whole body, or the provider's error as a GatewayError."""
         config = self._configs[adapter.name]
         async with self._limiters[adapter.name]:
-            with _map_exceptions(adapter.name):
-                with trio.fail_after(config.first_byte_timeout + config.read_timeout):
-                    response = await self.transport.handle_async_request(
-                        self._build(wire, config, config.read_timeout))
+            with trio.CancelScope(deadline=trio.current_time() + config.first_byte_timeout) as timer:
+                with _map_exceptions(adapter.name):
+                    response = await self.transport.handle_async_request(self._build(wire, config))
+                    stream = response.stream
+                    assert isinstance(stream, ResponseStream)
                     try:
-                        body = await response.aread()
+                        if response.status_code >= 400:
+                            body = await _read_capped(stream, MAX_ERROR_BODY)
+                            raise adapter.parse_error(response.status_code, response.headers, body)
+                        body = await _read_all(stream, timer, config, adapter.name)
                     finally:
-                        with trio.CancelScope(shield=True):
-                            await response.aclose()
-        if response.status_code >= 400:
-            raise adapter.parse_error(response.status_code, response.headers, body[:MAX_ERROR_BODY])
+                        await stream.aclose()
+            if timer.cancelled_caught:
+                raise UpstreamTimeout(f"provider {adapter.name} timed out")
         return body
 
 
-async def _read_capped(response: httpx.Response, timeout: float) -> bytes:
+async def _read_capped(stream: ResponseStream, limit: int) -> bytes:
     body = bytearray()
-    with trio.move_on_after(timeout):
-        async for part in response.aiter_raw():
-            body += part
-            if len(body) >= MAX_ERROR_BODY:
-                break
-    return bytes(body[:MAX_ERROR_BODY])
+    while len(body) < limit and (part := await stream.read()):
+        body += part
+    return bytes(body[:limit])
+
+
+async def _read_all(stream: ResponseStream, timer: trio.CancelScope, config: ProviderConfig,
+                    provider: str) -> bytes:
+    """The whole body under `max_response_bytes`; after the first bytes, `read_timeout` per gap."""
+    body = bytearray()
+    while part := await stream.read():
+        body += part
+        if len(body) > config.max_response_bytes:
+            raise UpstreamError(f"provider {provider}: response larger than max_response_bytes "
+                                f"({config.max_response_bytes})")
+        timer.deadline = trio.current_time() + config.read_timeout
+    return bytes(body)
 
 
 class Body:
     """A streaming response body. `next()` returns the next bytes, or b"" at the clean end.
 
-    A plain class rather than an async generator: no yield inside a cancel scope, nothing left
-    for the garbage collector to finalize. The per-read timeout is httpcore's (see `stream`).
+    Until `first_output()` every read runs under the first-output deadline (first_byte_timeout,
+    or the router's TTFT deadline); after it, each read gets `read_timeout`, and the time between
+    reads (the stream waiting for its client) is not counted.
     """
 
-    def __init__(self, response: httpx.Response, provider: str):
-        self._read = response.extensions["lifo_stream"].read_raw  # see proxy/http_pool.py
+    __slots__ = ("_read", "_timer", "_read_timeout", "_provider", "_streaming")
+
+    def __init__(self, stream: ResponseStream, timer: trio.CancelScope, read_timeout: float, provider: str):
+        self._read = stream.read
+        self._timer = timer
+        self._read_timeout = read_timeout
         self._provider = provider
+        self._streaming = False
+
+    def first_output(self) -> None:
+        """The first token went to the client: from now on, `read_timeout` per gap."""
+        self._streaming = True
+        self._timer.deadline = math.inf
 
     async def next(self) -> bytes:
+        timer = self._timer
         try:
-            return await self._read()
+            if not self._streaming:
+                return await self._read()
+            timer.deadline = trio.current_time() + self._read_timeout
+            data = await self._read()
+            timer.deadline = math.inf
+            return data
         except FOREIGN as e:  # inline rather than a context manager: this is the per-token path
             raise _translate(e, self._provider) from None

@@ -1,9 +1,9 @@
-"""The upstream keep-alive pool: reuse, no reuse after cancellation, expiry."""
+"""The upstream keep-alive pool through the gateway: reuse, no reuse after cancellation, expiry."""
 
 import httpx
 import trio
 
-from proxy.transport.http_pool import LifoPoolTransport
+from proxy.transport.pool import SocketPoolTransport
 
 from .conftest import chat_body, parse_sse
 
@@ -46,7 +46,7 @@ async def test_an_abandoned_stream_closes_its_connection_instead_of_reusing_it(g
 
 
 async def test_expired_idle_connections_are_not_reused(fake):
-    transport = LifoPoolTransport(keepalive_expiry=0.0)
+    transport = SocketPoolTransport(keepalive_expiry=0.0)
     async with httpx.AsyncClient(transport=transport) as client:
         for _ in range(3):
             response = await client.get(f"http://127.0.0.1:{fake.port}/healthz")

@@ -1,0 +1,72 @@
+"""The OpenAI Chat Completions API as our /v1/chat/completions speaks it (the client side).
+
+The canonical shape is this API's own, so requests are only validated (`proxy.core.request`) and
+stream chunks pass through as the provider's adapter produced them. One rule of our own: usage is
+always requested from the provider (accounting needs it) and shown to the client only when it
+asked with `stream_options.include_usage` — the usage-only chunk is dropped otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.core.errors import GatewayError
+from proxy.core.request import ChatRequest, parse_chat_request
+from proxy.core.sse import DONE, encode_event
+from proxy.core.usage import Usage
+from proxy.formats import Chunk
+
+
+class ChatAPI:
+    """What the generic chat endpoint (`proxy/server/endpoints.py`) needs of a client format."""
+
+    name = "chat"
+    api_key_header: bytes | None = None  # Bearer only
+
+    def parse(self, body: bytes, headers: dict[bytes, bytes]) -> ChatRequest:
+        return parse_chat_request(body)
+
+    def stream_encoder(self, request: ChatRequest, usage: Usage) -> "ChatStreamEncoder":
+        return ChatStreamEncoder(request, usage)
+
+    def completion(self, completion: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
+        return completion
+
+    def error_body(self, error: GatewayError) -> dict[str, Any]:
+        return error.to_body()
+
+    def error_event(self, error: GatewayError) -> bytes:
+        return encode_event(orjson.dumps(error.to_body()))
+
+
+class ChatStreamEncoder:
+    """Canonical chunks -> SSE bytes for the client, taking usage out on the way."""
+
+    __slots__ = ("_include_usage", "_usage")
+
+    def __init__(self, request: ChatRequest, usage: Usage):
+        self._include_usage = request.include_usage
+        self._usage = usage
+
+    def encode(self, chunks: list[Chunk]) -> bytes:
+        parts = []
+        self._usage.streamed_chunks += len(chunks)
+        for chunk in chunks:
+            if isinstance(chunk, bytes):
+                if b'"usage"' not in chunk or b'"usage":null' in chunk:
+                    parts.append(encode_event(chunk))  # the common case: forwarded as written
+                    continue
+                chunk = orjson.loads(chunk)
+            if "usage" in chunk:
+                self._usage.update(chunk["usage"])
+                if not self._include_usage:
+                    if not chunk.get("choices"):
+                        continue  # the usage-only chunk we asked for on our own behalf
+                    del chunk["usage"]
+            parts.append(encode_event(orjson.dumps(chunk)))
+        return b"".join(parts)
+
+    def finish(self) -> bytes:
+        return DONE

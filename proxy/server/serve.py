@@ -29,7 +29,7 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig, Sockets
 from hypercorn.trio import worker_serve
 
-from proxy.server import h2_flow
+from proxy.server import h2_flow, hypercorn_fast
 from proxy.server.app import Gateway
 from proxy.config import Config
 from proxy.core.errors import ShuttingDown
@@ -74,6 +74,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
     `task_status.started` gets the bound URLs, e.g. ["http://127.0.0.1:41234"].
     """
     h2_flow.apply()
+    hypercorn_fast.apply()  # HTTP/1.1 body writes without h11 and lock round trips
     gateway = gateway or Gateway(config)
     server = config.server
     sock = sock or make_socket(server.host, server.port, server.write_timeout)

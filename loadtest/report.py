@@ -50,6 +50,7 @@ def table(summary: "Summary") -> str:
         ("target RSS MB idle / peak", f"{_fmt(s.target_rss_mb['idle'])} / {_fmt(s.target_rss_mb['peak'])}"),
         ("KB per open stream", _fmt(s.kb_per_stream)),
         ("target CPU s", _fmt(s.target_cpu_s)),
+        ("target CPU µs per token", _fmt(s.target_cpu_us_per_token)),
         ("load generator RSS MB peak / cores", f"{_fmt(s.loadgen_rss_mb_peak)} / {_fmt(s.loadgen_cores)}"),
         ("latency measured from", s.latency_origin),
     ]

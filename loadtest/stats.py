@@ -60,6 +60,7 @@ class Summary:
     target_rss_mb: dict[str, float | None]
     kb_per_stream: float | None
     target_cpu_s: float | None
+    target_cpu_us_per_token: float | None  # target CPU seconds * 1e6 / tokens relayed
     loadgen_rss_mb_peak: float | None
     loadgen_cores: float | None  # the load generator's CPU seconds per wall second: near 1.0, it limits
     latency_origin: str
@@ -108,11 +109,19 @@ def summarize(samples: list[Sample], itl: array, memory: list[MemorySample], *, 
         target_rss_mb={"idle": rss_idle, "peak": rss_peak},
         kb_per_stream=kb,
         target_cpu_s=cpu,
+        target_cpu_us_per_token=cpu_per_token(memory, tokens),
         loadgen_rss_mb_peak=self_peak,
         loadgen_cores=self_cores,
         latency_origin="scheduled start" if open_loop else "request write",
         error_details=details,
     )
+
+
+def cpu_per_token(memory: list[MemorySample], tokens: int) -> float | None:
+    """µs of target CPU per content token received; from the unrounded CPU seconds."""
+    if len(memory) < 2 or tokens <= 0:
+        return None
+    return round((memory[-1].cpu_s - memory[0].cpu_s) * 1e6 / tokens, 2)
 
 
 def _memory(memory: list[MemorySample], samples: list[Sample]

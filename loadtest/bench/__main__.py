@@ -4,12 +4,15 @@
     python -m loadtest.bench --quick              # smaller sizes, a smoke run
     python -m loadtest.bench --targets fake,gateway --scenarios a,c --repeat 3
     python -m loadtest.bench --install-peers      # install LiteLLM / Portkey into .cache/peers first
+    python -m loadtest.bench --install-only       # install them and run nothing
+    python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios g --repeat 3
     python -m loadtest.bench --render             # redraw tables and chart from bench/results.json
 
-Targets: fake (the provider direct: the floor), gateway, litellm, portkey. Scenarios a-f as in
-bench.md. One fake provider process serves all targets; each target is started, measured and
-stopped in turn, the load generator runs in this process. Results go to `--out` (JSON), the
-markdown to stdout, charts to `--charts`.
+Targets: fake (the provider direct: the TTFT floor), floor-trio and floor-hypercorn (bare relays:
+the CPU and memory floors, see floor_trio.py / floor_hypercorn.py), gateway, litellm, portkey.
+Scenarios a-g as in bench.md (g: target CPU µs per relayed token). One fake provider process
+serves all targets; each target is started, measured and stopped in turn, the load generator runs
+in this process. Results go to `--out` (JSON), the markdown to stdout, charts to `--charts`.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ import trio
 from ..runner import raise_fd_limit
 from . import peers, scenarios
 from .markdown import environment, render, write_charts
-from .targets import (Running, scratch_dir, start_gateway, start_litellm, start_portkey, start_provider,
-                      wait_ready)
+from .targets import (FLOORS, Running, child_fd_limit, scratch_dir, start_floor, start_gateway, start_litellm, start_portkey,
+                      start_provider, wait_ready)
 
-ALL_TARGETS = ("fake", "gateway", "litellm", "portkey")
-ALL_SCENARIOS = ("a", "b", "c", "d", "e", "f")
+ALL_TARGETS = ("fake", "floor-trio", "floor-hypercorn", "gateway", "litellm", "portkey")
+ALL_SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+# e measures when a stalled client's upstream is released: a policy the floors leave out on purpose
+# (they would hold every upstream stream for the whole hold time, 45 s of nothing to learn).
+FLOOR_SKIPS = frozenset({"e"})
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,11 +47,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(ALL_TARGETS))
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeat", type=int, default=None, help="runs of the cheap scenarios (a, c, f)")
+    p.add_argument("--repeat", type=int, default=None, help="runs of the cheap scenarios (a, c, f, g)")
     p.add_argument("--held", default=None, help="held-stream counts for b, e.g. 1000,5000,10000")
     p.add_argument("--ttft-streams", default=None, help="stream counts for a, e.g. 100,1000")
     p.add_argument("--cache", default=".cache/peers", help="where peers are installed")
-    p.add_argument("--install-peers", action="store_true")
+    p.add_argument("--install-peers", action="store_true",
+                   help="install the peers among --targets that are missing, before measuring")
+    p.add_argument("--install-only", action="store_true", help="--install-peers, then run nothing")
     p.add_argument("--out", default="bench/results.json")
     p.add_argument("--charts", default="bench")
     p.add_argument("--render", action="store_true",
@@ -67,6 +75,11 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
     cache = Path(args.cache).resolve()
     work = scratch_dir()
     notes, commands = results["notes"], results["commands"]
+    fds = child_fd_limit()
+    if "b" in chosen and 2 * max(sizes.held_streams) + 200 > fds:
+        notes.append(f"targets may open {fds:,} files (a hard limit this machine does not let us raise): "
+                     f"a relay holding {max(sizes.held_streams):,} streams needs two sockets per stream, "
+                     f"so its last few connections fail with EMFILE (counted as errors in b)")
     provider = start_provider(work)
     commands["fake provider"] = provider.command
     try:
@@ -82,13 +95,14 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
                     new = start_provider(work)
                     await wait_ready(new)
                     return new
-                new = await _start(name, provider, work, cache, args.install_peers, notes)
+                new = await _start(name, provider, work, cache, notes)
                 if new is not None:
                     commands[new.name] = new.command
                 return new
 
             print(f"== {name}", file=sys.stderr, flush=True)
-            await _scenarios(name, provider, chosen, sizes, control, results["rows"], fresh)
+            mine = [x for x in chosen if not (name in FLOORS and x in FLOOR_SKIPS)]
+            await _scenarios(name, provider, mine, sizes, control, results["rows"], fresh)
         if "f" in chosen and "gateway" in args.targets.split(","):
             for workers in (1, 2):
                 target = start_gateway(work, upstream, workers)
@@ -105,28 +119,39 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
     results["workdir"] = str(work)
 
 
-async def _start(name: str, provider: Running, work: Path, cache: Path, install: bool,
-                 notes: list[str]) -> Running | None:
+def install(cache: Path, targets: list[str], notes: list[str]) -> None:
+    """Install the missing peers among `targets` now, so a failure shows before any measuring."""
+    for name, installed, do in (("litellm", peers.litellm_installed, peers.install_litellm),
+                                ("portkey", peers.portkey_installed, peers.install_portkey)):
+        if name in targets and not installed(cache):
+            print(f"== installing {name} into {cache}", file=sys.stderr, flush=True)
+            why = do(cache)
+            if why:
+                notes.append(why)
+                print(f"   {why}", file=sys.stderr, flush=True)
+        if name in targets:
+            print(f"   {name}: {'installed' if installed(cache) else 'NOT installed'}", file=sys.stderr, flush=True)
+
+
+async def _start(name: str, provider: Running, work: Path, cache: Path, notes: list[str]) -> Running | None:
     if name == "fake":
         return provider  # the floor: the same provider process, addressed directly
     upstream = provider.urls[0]
     target = None
     try:
-        if name == "gateway":
+        if name in FLOORS:
+            target = start_floor(work, upstream, name)
+        elif name == "gateway":
             target = start_gateway(work, upstream)
         elif name == "litellm":
             if not peers.litellm_installed(cache):
-                why = peers.install_litellm(cache) if install else "not installed (run with --install-peers)"
-                if why:
-                    notes.append(f"LiteLLM skipped: {why}")
-                    return None
+                notes.append("LiteLLM skipped: not installed (run with --install-peers)")
+                return None
             target = start_litellm(work, upstream, peers.litellm_venv(cache))
         elif name == "portkey":
             if not peers.portkey_installed(cache):
-                why = peers.install_portkey(cache) if install else "not installed (run with --install-peers)"
-                if why:
-                    notes.append(f"Portkey skipped: {why}")
-                    return None
+                notes.append("Portkey skipped: not installed (run with --install-peers)")
+                return None
             target = start_portkey(work, upstream, peers.portkey_root(cache))
         else:
             notes.append(f"unknown target {name!r} skipped")
@@ -172,6 +197,8 @@ async def _scenarios(key: str, provider: Running, chosen: list[str], sizes: scen
         await one("d", lambda t: scenarios.slow_clients(t, sizes, control))
     if "e" in chosen:
         await one("e", lambda t: scenarios.stalled(t, sizes, control))
+    if "g" in chosen:
+        await one("g", lambda t: scenarios.cpu_per_token(t, sizes))
 
 
 def _row_id(row: dict) -> tuple:
@@ -186,6 +213,11 @@ def _row_order(row: dict) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    notes: list[str] = []
+    if args.install_peers or args.install_only:  # before `environment()`, which reads the versions
+        install(Path(args.cache).resolve(), args.targets.split(","), notes)
+        if args.install_only:
+            return 1 if notes else 0
     if args.render:
         results = json.loads(Path(args.out).read_text())
         print(render(results, write_charts(results, Path(args.charts))))
@@ -193,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                     "environment": environment(Path(args.cache)), "commands": {}, "notes": [], "rows": {}}
+                     "environment": environment(Path(args.cache)), "commands": {}, "notes": notes, "rows": {}}
 
     trio.run(bench, args, results)
     out = Path(args.out)

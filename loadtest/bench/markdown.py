@@ -1,7 +1,10 @@
 """The benchmark's output: machine and versions, one markdown table per scenario, and the charts.
 
 Rules: every number in a table comes from the results JSON written next to it; "-" means not
-measured (skipped or failed, with the reason in the notes), never zero.
+measured (skipped or failed, with the reason in the notes), never zero. Ratios to the two floors
+(floor-trio, floor-hypercorn: bare relays, see floor_trio.py) are shown as columns wherever a
+figure has a floor (memory per held stream, CPU per relayed token), "-" when that floor's row is
+missing from the results.
 """
 
 from __future__ import annotations
@@ -70,11 +73,24 @@ def _v(x: Any, digits: int = 1) -> str:
 SATURATED = 0.9  # cores: a floor (the provider, one Python process) this busy is itself the limit
 
 
-def _floor(rows: list[dict], key: str, match: dict) -> float | None:
+def _floor(rows: list[dict], key: str, match: dict, floor: str = "fake") -> float | None:
+    """`key` of the row of target `floor` that matches `match` (the same size), if measured."""
     for r in rows:
-        if r.get("key") == "fake" and all(r.get(k) == v for k, v in match.items()):
+        if r.get("key") == floor and "failed" not in r and all(r.get(k) == v for k, v in match.items()):
             return r.get(key)
     return None
+
+
+FLOOR_COLUMNS = (("floor-trio", "× trio floor"), ("floor-hypercorn", "× hypercorn floor"))
+
+
+def _ratios(rows: list[dict], row: dict, key: str, match: dict) -> list[str]:
+    """The row's `key` divided by each floor's at the same size: one cell per FLOOR_COLUMNS."""
+    cells = []
+    for floor, _ in FLOOR_COLUMNS:
+        base, value = _floor(rows, key, match, floor), row.get(key)
+        cells.append(_v(value / base, 2) if value is not None and base else "-")
+    return cells
 
 
 def _table(header: list[str], lines: list[list[str]]) -> str:
@@ -114,7 +130,10 @@ def render(results: dict, charts: list[str]) -> str:
                           _v(add50), _v(add99), _v(r["itl_p50"]), _v(r["itl_p99"]),
                           _v(r["tokens_per_s"], 0), _v(r.get("cores"), 2), _v(r.get("loadgen_cores"), 2),
                           _v(r["errors"])])
-        parts += ["### a. TTFT at 100 and 1,000 concurrent streams",
+        counts = sorted({r["streams"] for r in rows["a"] if r.get("streams")})
+        shown = ", ".join(f"{n:,}" for n in counts[:-1]) + (" and " if len(counts) > 1 else "") + \
+            (f"{counts[-1]:,}" if counts else "")
+        parts += [f"### a. TTFT at {shown} concurrent streams",
                   "Provider: TTFT 100 ms, 50 tokens 20 ms apart. Closed loop, starts spread over "
                   "max(1 s, N/500 s), then steady for the measured window. \"Added\" is the target "
                   "minus the provider measured directly (the floor) in the same run. ms.", "",
@@ -129,13 +148,14 @@ def render(results: dict, charts: list[str]) -> str:
         lines = [[r["target"], _v(r.get("streams")), _v(r.get("open_peak")), _v(r.get("rss_idle_mb")),
                   _v(r.get("rss_peak_mb")), _v(r.get("kb_per_stream")),
                   _v(r.get("errors")) + (f" {r['error_kinds']}" if r.get("error_kinds") else ""),
+                  *_ratios(rows["b"], r, "kb_per_stream", {"streams": r.get("streams")}),
                   r.get("failed", "")[:80]] for r in rows["b"]]
         parts += ["### b. Memory per held stream",
                   "Streams held open (headers and role chunk sent, first token 10 min away). RSS of "
                   "the target's process tree; KB per stream = (RSS - idle) / open streams, median "
-                  "over the plateau.", "",
+                  "over the plateau. × floor: KB / stream over the floor's at the same count.", "",
                   _table(["target", "streams", "open (peak)", "RSS idle MB", "RSS peak MB",
-                          "KB / stream", "errors", "note"], lines), ""]
+                          "KB / stream", "errors", *[c for _, c in FLOOR_COLUMNS], "note"], lines), ""]
     if "c" in rows:
         lines = [[r["target"], _v(r.get("streams_per_s")), _v(r.get("tokens_per_s"), 0),
                   _v(r.get("stream_cores"), 2), _v(r.get("loadgen_cores"), 2), _v(r.get("requests_per_s")),
@@ -180,6 +200,28 @@ def render(results: dict, charts: list[str]) -> str:
                   "socket; the kernel spreads connections). Cores include every worker.", "",
                   _table(["target", "streams/s", "tokens/s", "cores", "non-stream req/s",
                           "tokens/s vs 1"], lines), ""]
+    if "g" in rows:
+        lines = []
+        for r in rows["g"]:
+            match = {"streams": r.get("streams")}
+            lines.append([r["target"], _v(r.get("streams")), _v(r.get("tokens")), _v(r.get("cpu_s"), 2),
+                          _v(r.get("cpu_us_per_token")), *_ratios(rows["g"], r, "cpu_us_per_token", match),
+                          ", ".join(_v(x, 0) for x in r.get("cpu_us_per_token_runs") or []) or "-",
+                          _v(r.get("cores"), 2), _v(r.get("loadgen_cores"), 2), _v(r.get("errors")),
+                          r.get("failed", "")[:80]])
+        parts += ["### g. CPU per relayed token",
+                  "Provider: TTFT 100 ms, 50 tokens 40 ms apart (25 tokens/s per stream). N clients "
+                  "started over 1 s, 4 requests each back to back on keep-alive connections (4 waves). "
+                  "CPU µs / token = the target's CPU seconds over the whole run (request set-up "
+                  "included) / content tokens the clients received; median over the runs (each run's "
+                  "value listed). × floor: over the floor's µs / token.", "",
+                  _table(["target", "streams", "tokens (median run)", "CPU s (median run)", "CPU µs / token",
+                          *[c for _, c in FLOOR_COLUMNS], "µs / token per run", "target cores",
+                          "load gen cores", "errors", "note"], lines), ""]
+        for r in rows["g"]:
+            for kind, what in (r.get("error_kinds") or {}).items():
+                parts.append(f"- {r['target']}, {kind} x {what}")
+        parts.append("")
     for chart in charts:
         parts.append(f"![{Path(chart).stem}]({chart})")
     if results["notes"]:

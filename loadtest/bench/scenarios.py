@@ -1,4 +1,4 @@
-"""The benchmark scenarios (a-f of the issue), each a function: target in, one result row out.
+"""The benchmark scenarios (a-g of the issues), each a function: target in, one result row out.
 
 Rules:
 - The provider's behaviour is set per request by a `fake:` directive in the prompt, so one
@@ -28,9 +28,9 @@ from .targets import Running
 
 @dataclass(frozen=True)
 class Sizes:
-    ttft_streams: tuple[int, ...] = (100, 1000)
+    ttft_streams: tuple[int, ...] = (100, 200, 1000)
     ttft_seconds: float = 8.0
-    held_streams: tuple[int, ...] = (1000, 5000, 10000)
+    held_streams: tuple[int, ...] = (1000, 2000, 5000, 10000)
     held_seconds: float = 6.0
     throughput_concurrency: int = 100
     throughput_seconds: float = 10.0
@@ -38,10 +38,12 @@ class Sizes:
     slow_seconds: float = 30.0
     stalled_clients: int = 100
     stall_hold: float = 40.0
+    cpu_streams: int = 100
+    cpu_waves: int = 4
     repeat: int = 1
 
 
-QUICK = Sizes(ttft_streams=(100, 300), ttft_seconds=4.0, held_streams=(1000, 3000), held_seconds=4.0,
+QUICK = Sizes(ttft_streams=(100, 200), ttft_seconds=4.0, held_streams=(1000, 2000), held_seconds=4.0,
               throughput_seconds=5.0, slow_clients=200, slow_seconds=12.0, stalled_clients=30,
               stall_hold=20.0)
 
@@ -51,6 +53,8 @@ INSTANT_PROMPT = 'fake: {"ttft": 0, "itl": 0, "tokens": 50}'
 SLOW_TOKEN_BYTES, SLOW_ITL = 1000, 0.05  # ~20 KB/s per stream from the provider
 SLOW_PROMPT = f'fake: {{"tokens": 100000, "itl": {SLOW_ITL}, "token_bytes": {SLOW_TOKEN_BYTES}}}'
 STALL_PROMPT = 'fake: {"tokens": 20000, "itl": 0.002, "token_bytes": 1000}'  # 20 MB, ~40 s
+CPU_TOKENS, CPU_ITL = 50, 0.04  # 25 tokens/s per stream
+CPU_PROMPT = f'fake: {{"ttft": 0.1, "itl": {CPU_ITL}, "tokens": {CPU_TOKENS}}}'
 
 
 class Provider:
@@ -208,4 +212,35 @@ async def stalled(target: Running, sizes: Sizes, provider: Provider) -> dict[str
         "provider_completed": sum(1 for x in records if x["completed"]),
         "provider_sent_mb": round(sum(x["bytes_sent"] for x in records) / 1e6, 1),
         "rss_peak_mb": r.summary.target_rss_mb["peak"], "errors": r.summary.errors,
+    }
+
+
+async def cpu_per_token(target: Running, sizes: Sizes) -> dict[str, Any]:
+    """g. Target CPU µs per relayed token: n streams x 50 tokens at 25 tokens/s, `cpu_waves` waves.
+
+    Closed loop: n clients, each sending `cpu_waves` requests back to back on its keep-alive
+    connection, started over 1 s. The target's CPU time over the whole run (accepting, request
+    set-up, relaying, teardown) divided by the content tokens the clients received; median over
+    `repeat` runs on the same target process.
+    """
+    n, waves = sizes.cpu_streams, sizes.cpu_waves
+    per_request = 0.1 + CPU_TOKENS * CPU_ITL
+    runs = []
+    for _ in range(sizes.repeat):
+        # Bounded by the request count; the duration is only a backstop for a target that stalls.
+        runs.append(await measure(target, CPU_PROMPT, Shape(concurrency=n, requests=n * waves, ramp_up=1.0,
+                                                            duration=1.0 + 4 * waves * per_request + 30)))
+        await trio.sleep(1)
+    s = [r.summary for r in runs]
+    tokens = [sum(x.tokens for x in r.samples) for r in runs]
+    return {
+        "streams": n, "waves": waves, "requests": sum(x.requests for x in s), "tokens": median(tokens),
+        "expected_tokens": n * waves * CPU_TOKENS,
+        "cpu_s": _median(x.target_cpu_s for x in s),
+        "cpu_us_per_token": _median(x.target_cpu_us_per_token for x in s),
+        "cpu_us_per_token_runs": [x.target_cpu_us_per_token for x in s],
+        "cores": median(_cores(r) or 0 for r in runs),
+        "loadgen_cores": median(x.loadgen_cores or 0 for x in s),
+        "ttft_p50": _median(x.ttft_ms["p50"] for x in s), "itl_p99": _median(x.itl_ms["p99"] for x in s),
+        "errors": sum(x.errors for x in s), "error_kinds": _error_kinds(s), "runs": len(runs),
     }

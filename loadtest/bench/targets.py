@@ -1,4 +1,4 @@
-"""The processes a benchmark measures: the fake provider, this gateway, LiteLLM and Portkey.
+"""The processes a benchmark measures: the fake provider, the two floors, this gateway, LiteLLM, Portkey.
 
 Rules:
 - Every target is a child process on loopback with a port picked here; the load generator runs
@@ -46,6 +46,22 @@ def _raise_child_limits() -> None:
     except (ValueError, OSError):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def child_fd_limit() -> int:
+    """The RLIMIT_NOFILE the children get: CHILD_NOFILE where we may raise the hard limit, else the hard limit.
+
+    A relay holds two sockets per stream (client and upstream): a sandbox that refuses to raise
+    the hard limit (root without CAP_SYS_RESOURCE) caps every target near limit / 2 streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= CHILD_NOFILE:
+        return CHILD_NOFILE
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, CHILD_NOFILE))  # our own hard limit: harmless
+    except (ValueError, OSError):
+        return hard
+    return CHILD_NOFILE
 
 
 @dataclass
@@ -115,6 +131,22 @@ def start_provider(workdir: Path) -> Running:
     proc, log = _spawn(argv, workdir / "provider.log")
     return Running("fake provider (direct)", (f"http://127.0.0.1:{port}/v1",), [proc],
                    command=" ".join(argv[1:]), _logs=[log])
+
+
+FLOORS = {  # bench target key -> (module, display name)
+    "floor-trio": ("loadtest.bench.floor_trio", "floor: raw trio"),
+    "floor-hypercorn": ("loadtest.bench.floor_hypercorn", "floor: hypercorn"),
+}
+
+
+def start_floor(workdir: Path, upstream: str, key: str) -> Running:
+    """A floor target (see floor_trio / floor_hypercorn): a bare relay to the provider at `upstream`."""
+    module, name = FLOORS[key]
+    port = free_port()
+    host_port = upstream.split("://", 1)[1].split("/", 1)[0]
+    argv = [sys.executable, "-m", module, "--port", str(port), "--upstream", host_port]
+    proc, log = _spawn(argv, workdir / f"{key}-{port}.log")
+    return Running(name, (f"http://127.0.0.1:{port}/v1",), [proc], command=" ".join(argv[1:]), _logs=[log])
 
 
 GATEWAY_TOML = """\

@@ -38,7 +38,12 @@ class ChatAPI:
         return error.to_body()
 
     def error_event(self, error: GatewayError) -> bytes:
-        return encode_event(orjson.dumps(error.to_body()))
+        return openai_error_event(error)
+
+
+def openai_error_event(error: GatewayError) -> bytes:
+    """The last event of a failed stream in OpenAI's shape: `data: {"error": {...}}` (no [DONE])."""
+    return encode_event(orjson.dumps(error.to_body()))
 
 
 class ChatStreamEncoder:

@@ -25,7 +25,7 @@ Rules:
   silently succeeds), so the watchdog watches `receive()` and cancels the nursery.
 - Each item is written as soon as it arrives; only items already queued are joined into one
   write (no added latency, ~10x fewer sends under load).
-- Errors travel through the channel in order, behind the events that preceded them. Before the
+- Errors travel through the channel in order (a `Finish` item), behind the events that preceded them. Before the
   first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
   it becomes an error event in the client's format (`error_event`) and the stream ends without
   its clean-end marker — never a fake clean end.
@@ -39,11 +39,11 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-import orjson
 import trio
 
 from proxy.core.errors import ClientStalled, GatewayError
-from proxy.core.sse import encode_comment, encode_event
+from proxy.core.sse import encode_comment
+from proxy.formats.chat_api import openai_error_event
 from proxy.server.asgi import Receive, Send
 
 log = logging.getLogger("proxy.server.pump")
@@ -66,20 +66,14 @@ class StreamState(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Failure:
-    """An error travelling through the channel behind the events that preceded it."""
+class Finish:
+    """The last channel item: the producer is done, cleanly (error None) or with an error that
+    travels behind the events that preceded it."""
 
-    error: GatewayError
+    error: GatewayError | None = None
 
-
-END = Failure(None)  # type: ignore[arg-type]  # the producer finished cleanly
 
 Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
-
-
-def openai_error_event(error: GatewayError) -> bytes:
-    """The default final event of a failed stream: `data: {"error": {...}}`, OpenAI's shape."""
-    return encode_event(orjson.dumps(error.to_body()))
 
 
 class Relay:
@@ -178,13 +172,13 @@ class Relay:
                 try:
                     await produce(channel)
                 except GatewayError as error:
-                    await channel.send(Failure(error))
+                    await channel.send(Finish(error))
                     return
                 except Exception:
                     log.exception("relay: producer failed")
-                    await channel.send(Failure(GatewayError("internal error while streaming")))
+                    await channel.send(Finish(GatewayError("internal error while streaming")))
                     return
-            await channel.send(END if self._abort is None else Failure(self._abort))
+            await channel.send(Finish(self._abort))  # None: a clean end
 
     # -- writer --
 
@@ -199,7 +193,7 @@ class Relay:
                     except trio.EndOfChannel:  # every sender gone: the nursery is being cancelled
                         return
                 parts: list[bytes] = []
-                while not isinstance(item, Failure):  # join whatever is already queued
+                while type(item) is bytes:  # join whatever is already queued
                     parts.append(item)
                     try:
                         item = channel.receive_nowait()
@@ -207,8 +201,8 @@ class Relay:
                         break
                 if parts:
                     await self._out(b"".join(parts) if len(parts) > 1 else parts[0])
-                if isinstance(item, Failure):
-                    if item is END:
+                if type(item) is Finish:
+                    if item.error is None:
                         await self._out(b"", more_body=False)
                     else:
                         await self._fail(item.error)

@@ -11,7 +11,8 @@ from typing import Callable
 from proxy.config import ServerConfig
 from proxy.core.errors import GatewayError
 from proxy.server.asgi import Headers, Receive, Send
-from proxy.server.pump import Producer, Relay, openai_error_event
+from proxy.formats.chat_api import openai_error_event
+from proxy.server.pump import Producer, Relay
 
 
 class Streams:

@@ -76,6 +76,26 @@ class Upstream:
                                                      "write": config.read_timeout}})
 
     @contextlib.asynccontextmanager
+    async def _response(self, adapter: ProviderAdapter, wire: WireRequest,
+                        config: ProviderConfig) -> AsyncIterator[ResponseStream]:
+        """Send the request; yield a success's body stream, raise an error status as ours.
+
+        Foreign errors inside the block are translated; leaving it closes the stream (or pools
+        its socket when the body was read to its clean end) without awaiting any I/O.
+        """
+        with _map_exceptions(adapter.name):
+            response = await self.transport.handle_async_request(self._build(wire, config))
+            stream = response.stream
+            assert isinstance(stream, ResponseStream)
+            try:
+                if response.status_code >= 400:
+                    body = await _read_capped(stream, MAX_ERROR_BODY)
+                    raise adapter.parse_error(response.status_code, response.headers, body)
+                yield stream
+            finally:
+                await stream.aclose()
+
+    @contextlib.asynccontextmanager
     async def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
                      ttft_deadline: float = math.inf) -> AsyncIterator[Body]:
         """Open a streaming response; yields its `Body`.
@@ -86,21 +106,12 @@ class Upstream:
         """
         config = self._configs[adapter.name]
         first_byte = trio.current_time() + config.first_byte_timeout
+        first = min(first_byte, ttft_deadline)
         async with self._limiters[adapter.name]:
-            with trio.CancelScope(deadline=min(first_byte, ttft_deadline)) as timer:
-                with _map_exceptions(adapter.name):
-                    response = await self.transport.handle_async_request(self._build(wire, config))
-                    stream = response.stream
-                    assert isinstance(stream, ResponseStream)
-                    try:
-                        if response.status_code >= 400:
-                            body = await _read_capped(stream, MAX_ERROR_BODY)
-                            raise adapter.parse_error(response.status_code, response.headers, body)
-                        yield Body(stream, timer, config.read_timeout, adapter.name)
-                    finally:
-                        await stream.aclose()  # never awaits I/O: closes or pools the socket
+            with trio.CancelScope(deadline=first) as timer:
+                async with self._response(adapter, wire, config) as stream:
+                    yield Body(stream, timer, config.read_timeout, adapter.name)
             if timer.cancelled_caught:
-                first = min(first_byte, ttft_deadline)
                 if timer.deadline == first and ttft_deadline < first_byte:
                     raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
                 which = "first_byte_timeout" if timer.deadline == first else "read_timeout"
@@ -111,17 +122,8 @@ class Upstream:
         config = self._configs[adapter.name]
         async with self._limiters[adapter.name]:
             with trio.CancelScope(deadline=trio.current_time() + config.first_byte_timeout) as timer:
-                with _map_exceptions(adapter.name):
-                    response = await self.transport.handle_async_request(self._build(wire, config))
-                    stream = response.stream
-                    assert isinstance(stream, ResponseStream)
-                    try:
-                        if response.status_code >= 400:
-                            body = await _read_capped(stream, MAX_ERROR_BODY)
-                            raise adapter.parse_error(response.status_code, response.headers, body)
-                        body = await _read_all(stream, timer, config, adapter.name)
-                    finally:
-                        await stream.aclose()
+                async with self._response(adapter, wire, config) as stream:
+                    body = await _read_all(stream, timer, config, adapter.name)
             if timer.cancelled_caught:
                 raise UpstreamTimeout(f"provider {adapter.name} timed out")
         return body

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from loadtest.bench.floor_pipe import Dechunker, ResponseEnd
+from loadtest.bench.floor_pipe import ResponseEnd
 from loadtest.bench.markdown import render
 from loadtest.client import Sample
 from loadtest.memory import MemorySample
@@ -148,7 +148,6 @@ def test_cpu_per_token_is_target_cpu_over_tokens_received():
 
 CHUNKED = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
            b"b\r\ndata: a\n\n\r\n\r\n" b"10;ext=1\r\ndata: [DONE]\n\n\r\n\r\n" b"0\r\n\r\n")
-PAYLOAD = b"data: a\n\n\r\ndata: [DONE]\n\n\r\n"
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
@@ -156,12 +155,6 @@ def test_framing_survives_any_split(size):
     pieces = [CHUNKED[i:i + size] for i in range(0, len(CHUNKED), size)]
     end = ResponseEnd()
     assert [end.feed(p) for p in pieces] == [False] * (len(pieces) - 1) + [True]
-    body = CHUNKED.split(b"\r\n\r\n", 1)[1]
-    dechunk, out = Dechunker(), b""
-    for i in range(0, len(body), size):
-        assert not dechunk.done
-        out += dechunk.feed(body[i:i + size])
-    assert dechunk.done and out == PAYLOAD
     sized = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
     end = ResponseEnd()
     assert [end.feed(sized[i:i + size]) for i in range(0, len(sized), size)][-1] is True

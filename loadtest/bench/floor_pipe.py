@@ -6,9 +6,9 @@ and their difference is the client side alone (raw trio sockets vs hypercorn + A
 What it is: a list of idle `trio.SocketStream`s to one host:port; `Upstream.request(body)` takes
 one (or connects), writes `POST /v1/chat/completions` with the body as it came, and returns the
 stream; the caller reads the response and hands the stream back with `release(stream, reusable)`.
-Plus the least framing a relay needs to know where a response ends (`ResponseEnd`) and, for the
-ASGI floor only, a chunked-body decoder (`Dechunker`): ASGI takes body bytes and hypercorn frames
-them again, so the upstream's chunk framing must come off.
+Plus the least framing a relay needs to know where a response ends (`ResponseEnd`, for the raw
+floor, which copies bytes unchanged; the ASGI floor decodes with the gateway's own decoder), and
+the command line both floors share (`floor_main`).
 
 What it is not: a general HTTP client. No deadlines, no retries beyond one fresh connection for
 a pooled socket the upstream had already closed, no trailers, no `Connection: close` handling
@@ -18,6 +18,9 @@ ends with a blank line, so its framing ends `\\n\\n\\r\\n`, never `\\r\\n0\\r\\n
 """
 
 from __future__ import annotations
+
+import argparse
+from typing import Awaitable, Callable
 
 import trio
 
@@ -71,48 +74,6 @@ class ResponseEnd:
         return self._left <= 0
 
 
-class Dechunker:
-    """HTTP/1.1 chunked body -> payload bytes; `done` after the last chunk's CRLF (no trailers)."""
-
-    __slots__ = ("_left", "_crlf", "_line", "_last", "done")
-
-    def __init__(self) -> None:
-        self._left = 0  # payload bytes of the current chunk still to come
-        self._crlf = 0  # bytes of the CRLF after a chunk still to skip
-        self._line = b""  # a size line split across reads
-        self._last = False
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        i, n = 0, len(data)
-        while i < n and not self.done:
-            if self._left:
-                take = min(self._left, n - i)
-                out.append(data[i:i + take])
-                i += take
-                self._left -= take
-                if not self._left:
-                    self._crlf = 2
-            elif self._crlf:
-                skip = min(self._crlf, n - i)
-                i += skip
-                self._crlf -= skip
-                self.done = self._last and not self._crlf
-            else:
-                j = data.find(b"\n", i)
-                if j < 0:
-                    self._line += data[i:]
-                    break
-                size = int((self._line + data[i:j]).split(b";", 1)[0].strip(), 16)
-                self._line, i = b"", j + 1
-                if size:
-                    self._left = size
-                else:
-                    self._last, self._crlf = True, 2
-        return out[0] if len(out) == 1 else b"".join(out)
-
-
 class Upstream:
     """Idle keep-alive connections to one host:port (a LIFO list: the warmest socket first)."""
 
@@ -158,3 +119,16 @@ class Upstream:
 def parse_upstream(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+def floor_main(prog: str, doc: str | None, serve: Callable[[str, int, "Upstream"], Awaitable[None]],
+               argv: list[str] | None) -> int:
+    """A floor's command line: --host, --port (0: any, printed), --upstream host:port."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    p.add_argument("--upstream", required=True, help="host:port of the fake provider")
+    args = p.parse_args(argv)
+    host, port = parse_upstream(args.upstream)
+    trio.run(serve, args.host, args.port, Upstream(host, port))
+    return 0

@@ -17,12 +17,11 @@ request goes to the one upstream path whatever the client asked. Never expose it
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import trio
 
-from .floor_pipe import RECV_BYTES, ResponseEnd, Upstream, content_length, parse_upstream, split_head
+from .floor_pipe import RECV_BYTES, ResponseEnd, Upstream, content_length, floor_main, split_head
 
 BACKLOG = 65535  # held-stream scenarios open thousands of connections within a second
 
@@ -77,21 +76,14 @@ async def serve(port: int, upstream: Upstream, host: str = "127.0.0.1", *,
     await trio.serve_listeners(lambda client: _connection(client, upstream), listeners)
 
 
-async def _main(args: argparse.Namespace) -> None:
-    host, port = parse_upstream(args.upstream)
+async def _serve(host: str, port: int, upstream: Upstream) -> None:
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(serve, args.port, Upstream(host, port), args.host)
-        print(f"raw trio floor listening on http://{args.host}:{bound}/v1", flush=True)
+        bound = await nursery.start(serve, port, upstream, host)
+        print(f"raw trio floor listening on http://{host}:{bound}/v1", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench.floor_trio", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
-    p.add_argument("--upstream", required=True, help="host:port of the fake provider")
-    trio.run(_main, p.parse_args(argv))
-    return 0
+    return floor_main("python -m loadtest.bench.floor_trio", __doc__, _serve, argv)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,7 @@ class OpenAIAdapter:
         return OpenAIStreamParser(self.name, max_event_bytes)
 
     def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]:
-        try:
-            completion = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-            raise UpstreamError(f"provider {self.name} returned a response without choices")
-        return completion
+        return self._object_with_list(body, "choices", "a response without choices")
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         return redact(self._parse_error(status, headers, body), self._key)
@@ -69,12 +63,16 @@ class OpenAIAdapter:
         return WireRequest("POST", self._embeddings_url, self._headers, orjson.dumps(dict(body, model=model)))
 
     def parse_embeddings(self, body: bytes) -> dict[str, Any]:
+        return self._object_with_list(body, "data", "embeddings without data")
+
+    def _object_with_list(self, body: bytes, key: str, missing: str) -> dict[str, Any]:
+        """The provider's JSON answer, which must be an object whose `key` is a list."""
         try:
             result = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
-            raise UpstreamError(f"provider {self.name} returned embeddings without data")
+        if not isinstance(result, dict) or not isinstance(result.get(key), list):
+            raise UpstreamError(f"provider {self.name} returned {missing}")
         return result
 
 

@@ -73,3 +73,19 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
                f"'{key}' must be a positive integer", key)
     return ChatRequest(model=model, stream=stream, include_usage=include_usage, body=body)
+
+
+def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
+    """An OpenAI embeddings body: `input` as a string, strings or token arrays."""
+    body = load_request_object(raw)
+    value = body.get("input")
+    ok = isinstance(value, str) and value != "" or isinstance(value, list) and len(value) > 0 and (
+        all(isinstance(v, str) and v for v in value) or all(isinstance(v, int) for v in value)
+        or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value))
+    _check(ok, "'input' must be a non-empty string, array of strings, or array of token arrays", "input")
+    fmt = body.get("encoding_format")
+    _check(fmt in (None, "float", "base64"), "'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dims = body.get("dimensions")
+    _check(dims is None or isinstance(dims, int) and not isinstance(dims, bool) and dims >= 1,
+           "'dimensions' must be a positive integer", "dimensions")
+    return body

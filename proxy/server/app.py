@@ -107,7 +107,7 @@ class Gateway:
                                 "[auth] master_key_env")
             if route.auth != "none":
                 self._authenticate(headers, route.api_key_header)
-            body = await read_body(scope, receive, self.config.server.max_body_bytes) if route.body else b""
+            body = await read_body(headers, receive, self.config.server.max_body_bytes) if route.body else b""
             await handler(body, headers, receive, send)
         except ClientGone:
             log.info("%s %s client disconnected before the response", scope["method"], scope["path"])

@@ -25,13 +25,6 @@ class ClientGone(Exception):
     """The client disconnected before we answered: nothing to send, nothing to log as an error."""
 
 
-def header(scope: Mapping[str, Any], name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 async def send_json(send: Send, status: int, body: Any, headers: Headers = ()) -> None:
     data = orjson.dumps(body)
     await send({"type": "http.response.start", "status": status,
@@ -39,11 +32,11 @@ async def send_json(send: Send, status: int, body: Any, headers: Headers = ()) -
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-async def read_body(scope: Mapping[str, Any], receive: Receive, limit: int) -> bytes:
+async def read_body(headers: Mapping[bytes, bytes], receive: Receive, limit: int) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `limit` bytes."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    length = headers.get(b"content-length", b"")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     body = bytearray()
     while True:
         message = await receive()

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Protocol
 
 import trio
 
-from proxy.core.errors import GatewayError, InvalidRequest
-from proxy.core.request import ChatRequest, load_request_object
+from proxy.core.errors import GatewayError
+from proxy.core.request import ChatRequest, parse_embeddings_request
 from proxy.core.usage import Usage
 from proxy.formats import Chunk
 from proxy.routing.failover import Failover, Served
@@ -99,26 +99,6 @@ class ChatEndpoint:
                        "bytes_out=%s ms=%.1f", self.api.name, request.model, served.provider, served.model,
                        served.attempts, request.stream, outcome, usage.log_fields(),
                        bytes_out if bytes_out is not None else "-", (time.perf_counter() - started) * 1000)
-
-
-def _check(ok: bool, message: str, param: str) -> None:
-    if not ok:
-        raise InvalidRequest(message, param=param)
-
-
-def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
-    body = load_request_object(raw)
-    value = body.get("input")
-    ok = isinstance(value, str) and value != "" or isinstance(value, list) and len(value) > 0 and (
-        all(isinstance(v, str) and v for v in value) or all(isinstance(v, int) for v in value)
-        or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value))
-    _check(ok, "'input' must be a non-empty string, array of strings, or array of token arrays", "input")
-    fmt = body.get("encoding_format")
-    _check(fmt in (None, "float", "base64"), "'encoding_format' must be 'float' or 'base64'", "encoding_format")
-    dims = body.get("dimensions")
-    _check(dims is None or isinstance(dims, int) and not isinstance(dims, bool) and dims >= 1,
-           "'dimensions' must be a positive integer", "dimensions")
-    return body
 
 
 class EmbeddingsEndpoint:

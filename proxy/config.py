@@ -3,7 +3,7 @@
 Rules: every key is known (a typo is an error, not a silent default); every value is checked for
 type and range; an error names the dotted key, the value and what was expected, and is raised
 before the server binds a port. Secrets are never stored here: only the *names* of the environment
-variables that hold them, read when the app is built (`proxy/app.py`).
+variables that hold them, read when the app is built (`proxy/server/app.py`).
 """
 
 from __future__ import annotations

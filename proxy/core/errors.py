@@ -3,7 +3,7 @@
 Every failure a client can see is a `GatewayError`. Each class knows its HTTP status and its
 OpenAI-style error `type`/`code`; `to_body()` renders the JSON the client gets, and the same body
 becomes an SSE error event once a stream has started. Foreign exceptions (httpx, h11, OS) are
-translated into this tree once, at the boundary that meets them (`proxy/upstream.py`).
+translated into this tree once, at the boundary that meets them (`proxy/transport/upstream.py`).
 
 Two renderings of the same error: `to_body()` is OpenAI's shape (every endpoint but one);
 `to_anthropic_body()` is Anthropic's `{"type": "error", "error": {"type", "message"}}`, used on

@@ -24,7 +24,7 @@ class ChatRequest:
     include_usage: bool  # the client asked for the usage chunk (stream_options.include_usage)
     body: dict[str, Any]  # the whole validated body, forwarded with the model replaced
     # The client's original Anthropic Messages body (/v1/messages): an Anthropic deployment sends
-    # it as-is instead of translating `body` back (see proxy/providers/anthropic.py).
+    # it as-is instead of translating `body` back (see proxy/formats/anthropic.py).
     anthropic_body: dict[str, Any] | None = None
     anthropic_beta: str | None = None  # the client's anthropic-beta header, for Anthropic deployments
 

@@ -20,7 +20,7 @@ tool_calls deltas, a tool_use block's position among the tool blocks being its O
 message_delta gives the stop reason (-> finish_reason) and output usage; message_stop ends it
 and is when the usage chunk goes out; ping is skipped; thinking blocks have no canonical form and
 are dropped (passthrough keeps them). An `error` event fails the stream (`overloaded_error` as an
-upstream 529, retryable like a 503: see proxy/errors.py).
+upstream 529, retryable like a 503: see proxy/core/errors.py).
 """
 
 from __future__ import annotations

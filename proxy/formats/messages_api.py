@@ -1,6 +1,6 @@
 """The Anthropic Messages format on the client side: request -> canonical, canonical -> response.
 
-Sans-IO, used by `proxy/messages.py` (POST /v1/messages):
+Sans-IO, used by the chat endpoint on POST /v1/messages (`proxy/server/endpoints.py`):
 - `parse_messages_request`: validates an Anthropic Messages body (400 with `param` naming the
   field) and translates it to the canonical OpenAI-shaped body; the original is kept on the
   `ChatRequest` (`anthropic_body`) so an Anthropic deployment receives it untouched.

@@ -7,7 +7,7 @@ Azure) and an `api_version` query parameter (Azure's `api-version`). Embeddings 
 The canonical shape is OpenAI's, so requests pass through with the deployment's model name and
 the provider's key; streams are parsed only as far as the gateway needs (errors, the end marker,
 usage). Rules: the client's own Authorization never goes upstream; for streams we always ask the
-provider for usage (accounting needs it) and `proxy/chat.py` hides that chunk from clients who did
+provider for usage (accounting needs it) and `chat_api.py` hides that chunk from clients who did
 not ask for it.
 """
 

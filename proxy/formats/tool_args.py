@@ -11,7 +11,7 @@ costs one dict lookup per chunk (raw OpenAI bytes are only parsed when they ment
 finish_reason). `ValidatingAdapter` wraps a provider's adapter (`make_adapter` does it for
 `tool_arguments = "validate"`): its stream parser runs the checker under the parser contract
 (chunks before the error are returned, then `failed` is set) and its completions are checked
-whole, so dispatch and the endpoints need not know. The Anthropic passthrough path (RawEvents)
+whole, so the failover loop and the endpoints need not know. The Anthropic passthrough path (RawEvents)
 is not checked: there the client and the provider share a format and the events go verbatim.
 
 The schema check is a deliberately small subset of JSON Schema, the part function schemas use:
@@ -148,7 +148,7 @@ class ToolCallChecker:
                     continue
                 parsed = orjson.loads(chunk)
             if not isinstance(parsed, dict):
-                continue  # RawEvent: passthrough is not checked here (see proxy/messages.py)
+                continue  # RawEvent: passthrough is not checked here (see messages_api.py)
             try:
                 self._chunk(parsed)
             except ToolArgumentsInvalid as error:

@@ -1,10 +1,10 @@
-"""Dispatch: one canonical request to providers, with retries, failover and a TTFT deadline.
+"""Failover: one canonical request to providers, with retries, failover and a TTFT deadline.
 
 The seam between endpoints (which speak a client format: OpenAI chat, Anthropic messages) and
 everything behind them. Endpoints hand over a `ChatRequest` and get canonical chunks through
 `emit` (streaming) or a canonical completion; `Served` says who answered (logs, headers).
 
-The loop (rules in `proxy/retry_policy.py`, selection in `proxy/router.py`):
+The loop (rules in `policy.py`, selection in `router.py`):
     for the model, then each of its fallbacks:
         pick a deployment (priority, weight, breaker), admit it (max_concurrency), attempt;
         RETRY errors back off (full jitter, or the provider's Retry-After up to
@@ -24,11 +24,10 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
 
-from proxy.core.request import ChatRequest
 from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout
-from proxy.formats import Chunk
+from proxy.core.request import ChatRequest
+from proxy.formats import Chunk, ProviderAdapter
 from proxy.routing.policy import Action, backoff, classify, retry_after_seconds
-from proxy.formats import ProviderAdapter
 from proxy.routing.router import DeploymentState, Router
 from proxy.transport.upstream import Upstream
 
@@ -69,7 +68,6 @@ def _is_token(chunk: Chunk) -> bool:
                 or delta.get("refusal"):
             return True
     return False
-
 
 
 class Failover:

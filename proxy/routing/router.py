@@ -4,7 +4,7 @@ Rules:
 - Exact model names win over globs; otherwise the first matching glob in file order (config).
 - Among a model's deployments, the lowest `priority` number with an available deployment not yet
   tried in this request is used; within it the pick is weight-proportional. A deployment is
-  available when its breaker allows it (`proxy/breaker.py`).
+  available when its breaker allows it (`proxy/routing/breaker.py`).
 - State (breaker, in-flight limiter, counters) is per deployment *name*, shared by every model
   that lists it: one upstream, one health.
 - Admission: a deployment with `max_concurrency` admits at most that many requests; a request
@@ -13,7 +13,7 @@ Rules:
 - Bypass (`BYPASS_ROUTER=true`, or POST /admin/bypass): every request goes to its model's first
   deployment, once: no retries, no fallbacks, no breaker — the rollback if the router misbehaves.
 
-The retry loop that drives this lives in `proxy/dispatch.py`.
+The retry loop that drives this lives in `proxy/routing/failover.py`.
 """
 
 from __future__ import annotations

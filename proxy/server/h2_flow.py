@@ -13,7 +13,7 @@ wake-up). Memory per h2 stream is then bounded by BUFFER_HIGH_WATER (32 KiB) plu
 
 The patch is applied to the two methods only, and only to the versions it was written against:
 `apply()` refuses any other hypercorn (the test suite runs it, so an upgrade fails loudly rather
-than silently losing backpressure). `tests/test_h2_flow.py` proves both the flaw in the stock
+than silently losing backpressure). `tests/test_h2.py` proves both the flaw in the stock
 class and the fix end to end with a client that never opens its window.
 """
 
@@ -55,7 +55,7 @@ def apply() -> None:
     if not installed.startswith(SUPPORTED):
         raise RuntimeError(
             f"proxy.server.h2_flow patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: re-check "
-            "hypercorn/protocol/h2.py StreamBuffer against the notes in proxy/h2_flow.py")
+            "hypercorn/protocol/h2.py StreamBuffer against the notes in proxy/server/h2_flow.py")
     hypercorn_h2.StreamBuffer.push = _push
     hypercorn_h2.StreamBuffer.pop = _pop
 

@@ -147,12 +147,12 @@ class Failover:
             return await self._once(model, served, state, route, attempt, gate=False, track=False)
         if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
             return await self._once(model, served, pinned, route, attempt, gate=False)
-        try:
-            with trio.fail_after(settings.request_timeout):
-                return await self._with_failover(model, served, route, attempt)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
-                                  f"after {served.attempts} attempts") from None
+        # A bare scope, not fail_after: that adds a generator context manager per open stream.
+        with trio.CancelScope(deadline=trio.current_time() + settings.request_timeout) as scope:
+            return await self._with_failover(model, served, route, attempt)
+        assert scope.cancelled_caught
+        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
+                              f"after {served.attempts} attempts")
 
 
     async def _with_failover(self, requested: str, served: Served, route: Any,

@@ -122,7 +122,7 @@ class Relay:
         self._last_write = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, nursery.cancel_scope, send_channel.clone())
+                nursery.start_soon(self._watch, nursery.cancel_scope, send_channel)
                 nursery.start_soon(self._read, produce, send_channel)
                 await self._write(receive_channel)
                 nursery.cancel_scope.cancel()
@@ -141,28 +141,28 @@ class Relay:
         return min(self._last_write + self._keepalive, now + self._write_timeout)
 
     async def _watch(self, cancel_relay: trio.CancelScope, keepalive: trio.MemorySendChannel) -> None:
-        with keepalive:
-            while True:
-                with trio.CancelScope(deadline=self._alarm_at(trio.current_time())):
-                    message = await self._receive()
-                    if message["type"] == "http.disconnect":
-                        # After the last write, hypercorn reports the finished response as a
-                        # disconnect too: that is the end, not a client leaving.
-                        if self.state in (StreamState.PENDING, StreamState.STREAMING):
-                            self.state = StreamState.DISCONNECTED
-                        cancel_relay.cancel()
-                        return
-                    continue
-                now = trio.current_time()
-                if self._write_began is not None:
-                    if now - self._write_began >= self._write_timeout:
-                        raise ClientStalled("write deadline passed")
-                elif now - self._last_write >= self._keepalive:
-                    self._last_write = now  # due again one interval from now, written or not
-                    try:
-                        keepalive.send_nowait(KEEPALIVE)
-                    except trio.WouldBlock:
-                        pass  # the channel is full: the writer has work, no comment needed
+        """`keepalive` is the reader's own channel: once the reader closed it, none is needed."""
+        while True:
+            with trio.CancelScope(deadline=self._alarm_at(trio.current_time())):
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    # After the last write, hypercorn reports the finished response as a
+                    # disconnect too: that is the end, not a client leaving.
+                    if self.state in (StreamState.PENDING, StreamState.STREAMING):
+                        self.state = StreamState.DISCONNECTED
+                    cancel_relay.cancel()
+                    return
+                continue
+            now = trio.current_time()
+            if self._write_began is not None:
+                if now - self._write_began >= self._write_timeout:
+                    raise ClientStalled("write deadline passed")
+            elif now - self._last_write >= self._keepalive:
+                self._last_write = now  # due again one interval from now, written or not
+                try:
+                    keepalive.send_nowait(KEEPALIVE)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass  # full: the writer has work; closed: the producer is done
 
     # -- reader --
 
@@ -188,6 +188,8 @@ class Relay:
                 try:
                     item = channel.receive_nowait()  # busy stream: no wait at all
                 except trio.WouldBlock:
+                    item = None  # wait below, outside the handler: it would keep the exception alive
+                if item is None:
                     try:
                         item = await channel.receive()
                     except trio.EndOfChannel:  # every sender gone: the nursery is being cancelled

@@ -189,7 +189,7 @@ class SocketPoolTransport(httpx.AsyncBaseTransport):
         stream_class = _coding_stream(response_head.headers.get(b"content-encoding"))
         if issubclass(stream_class, _InflatingStream):  # the caller sees the decoded body's headers
             headers = [(n, v) for n, v in headers if n.lower() not in (b"content-encoding", b"content-length")]
-        stream = stream_class(self, origin, conn, decoder, b"".join(pieces), request)
+        stream = stream_class(self, origin, conn, decoder, b"".join(pieces))
         return httpx.Response(
             status_code=response_head.status, headers=headers, stream=stream, request=request,
             extensions={"http_version": b"HTTP/" + response_head.http_version,
@@ -240,8 +240,10 @@ class ResponseStream(httpx.AsyncByteStream):
     """
 
     def __init__(self, pool: SocketPoolTransport, origin: Origin, conn: _Connection,
-                 decoder: ResponseDecoder, pending: bytes, request: httpx.Request):
-        self._pool, self._origin, self._decoder, self._request = pool, origin, decoder, request
+                 decoder: ResponseDecoder, pending: bytes):
+        # No reference to the request: it would live (headers, body) as long as the stream.
+        # httpx's client attaches the request to errors raised while reading a body.
+        self._pool, self._origin, self._decoder = pool, origin, decoder
         self._pending = pending  # body bytes that came with the head
         self._error = ""  # why further reads fail (closed before the end)
         self._conn: _Connection | None = conn  # None once finished or closed
@@ -259,7 +261,7 @@ class ResponseStream(httpx.AsyncByteStream):
                 pieces = decoder.feed(data) if data else decoder.close()
             except Exception as exc:
                 self._drop(conn, "read failed")
-                raise _read_error(exc, self._request) from exc
+                raise _read_error(exc) from exc
             except BaseException:  # cancellation: the provider must see EOF at once
                 self._drop(conn, "read cancelled")
                 raise
@@ -288,7 +290,7 @@ class ResponseStream(httpx.AsyncByteStream):
         if pending:
             return pending
         if self._error:
-            raise httpx.ReadError(self._error, request=self._request)
+            raise httpx.ReadError(self._error)
         return b""
 
     def _finish(self, conn: _Connection) -> None:
@@ -306,10 +308,10 @@ class ResponseStream(httpx.AsyncByteStream):
             self._conn, self._error = None, why
 
 
-def _read_error(exc: Exception, request: httpx.Request) -> Exception:
+def _read_error(exc: Exception) -> Exception:
     if isinstance(exc, ProtocolError):
-        return httpx.RemoteProtocolError(str(exc), request=request)
-    return httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request)
+        return httpx.RemoteProtocolError(str(exc))
+    return httpx.ReadError(f"{type(exc).__name__}: {exc}")
 
 
 class _InflatingStream(ResponseStream):
@@ -335,7 +337,7 @@ class _InflatingStream(ResponseStream):
             raw = await super().read()
             if not raw:
                 if self._seen and not self._inflater.eof:
-                    raise httpx.DecodingError("compressed body ended early", request=self._request)
+                    raise httpx.DecodingError("compressed body ended early")
                 return b""
             self._seen, self._tail = True, raw
 
@@ -349,7 +351,7 @@ class _InflatingStream(ResponseStream):
                 self._inflater = zlib.decompressobj(self._wbits)
                 return self._inflate(data)
             self.abort()
-            raise httpx.DecodingError(f"bad compressed body: {exc}", request=self._request) from exc
+            raise httpx.DecodingError(f"bad compressed body: {exc}") from exc
         self._tail, self._more = self._inflater.unconsumed_tail, len(out) == MAX_DECODED
         if self._inflater.eof and self._inflater.unused_data and self._wbits > zlib.MAX_WBITS:
             # gzip members may be concatenated
@@ -365,7 +367,7 @@ class _UnsupportedCodingStream(ResponseStream):
     async def read(self) -> bytes:
         if await super().read():
             self.abort()
-            raise httpx.DecodingError("unsupported content-encoding", request=self._request)
+            raise httpx.DecodingError("unsupported content-encoding")
         return b""
 
 

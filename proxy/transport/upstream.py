@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import httpx
 import trio
@@ -51,14 +51,6 @@ def _translate(error: Exception, provider: str) -> Exception:
     return error
 
 
-@contextlib.contextmanager
-def _map_exceptions(provider: str) -> Iterator[None]:
-    try:
-        yield
-    except FOREIGN as e:
-        raise _translate(e, provider) from None
-
-
 class Upstream:
     def __init__(self, providers: dict[str, ProviderConfig], transport: SocketPoolTransport | None = None):
         self._configs = providers
@@ -75,25 +67,24 @@ class Upstream:
                              extensions={"timeout": {"connect": config.connect_timeout,
                                                      "write": config.read_timeout}})
 
-    @contextlib.asynccontextmanager
-    async def _response(self, adapter: ProviderAdapter, wire: WireRequest,
-                        config: ProviderConfig) -> AsyncIterator[ResponseStream]:
-        """Send the request; yield a success's body stream, raise an error status as ours.
-
-        Foreign errors inside the block are translated; leaving it closes the stream (or pools
-        its socket when the body was read to its clean end) without awaiting any I/O.
-        """
-        with _map_exceptions(adapter.name):
+    async def _open(self, adapter: ProviderAdapter, wire: WireRequest, config: ProviderConfig) -> ResponseStream:
+        """Send the request; return a success's body stream (the caller closes it), or raise an
+        error status as ours. Only the stream is kept: the httpx Request and Response would
+        otherwise live (headers, body) as long as a stream."""
+        try:
             response = await self.transport.handle_async_request(self._build(wire, config))
-            stream = response.stream
+            stream, status, headers = response.stream, response.status_code, response.headers
+            del response
             assert isinstance(stream, ResponseStream)
+            if status < 400:
+                return stream
             try:
-                if response.status_code >= 400:
-                    body = await _read_capped(stream, MAX_ERROR_BODY)
-                    raise adapter.parse_error(response.status_code, response.headers, body)
-                yield stream
+                body = await _read_capped(stream, MAX_ERROR_BODY)
             finally:
                 await stream.aclose()
+        except FOREIGN as e:
+            raise _translate(e, adapter.name) from None
+        raise adapter.parse_error(status, headers, body)
 
     @contextlib.asynccontextmanager
     async def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
@@ -109,8 +100,11 @@ class Upstream:
         first = min(first_byte, ttft_deadline)
         async with self._limiters[adapter.name]:
             with trio.CancelScope(deadline=first) as timer:
-                async with self._response(adapter, wire, config) as stream:
+                stream = await self._open(adapter, wire, config)
+                try:
                     yield Body(stream, timer, config.read_timeout, adapter.name)
+                finally:
+                    await stream.aclose()  # never awaits I/O: closes or pools the socket
             if timer.cancelled_caught:
                 if timer.deadline == first and ttft_deadline < first_byte:
                     raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
@@ -122,8 +116,13 @@ class Upstream:
         config = self._configs[adapter.name]
         async with self._limiters[adapter.name]:
             with trio.CancelScope(deadline=trio.current_time() + config.first_byte_timeout) as timer:
-                async with self._response(adapter, wire, config) as stream:
+                stream = await self._open(adapter, wire, config)
+                try:
                     body = await _read_all(stream, timer, config, adapter.name)
+                except FOREIGN as e:
+                    raise _translate(e, adapter.name) from None
+                finally:
+                    await stream.aclose()
             if timer.cancelled_caught:
                 raise UpstreamTimeout(f"provider {adapter.name} timed out")
         return body

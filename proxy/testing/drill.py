@@ -92,12 +92,16 @@ class Drill:
 
     async def _script(self, end: float) -> None:
         t0 = self.timeline.start
+        # "during" holds only requests that started while the key was surely revoked: it begins
+        # once the revocation took effect and ends as the restoration begins. (Stamped after the
+        # restore, a half-open probe sent in between was counted "during" though the primary
+        # served it — with a 1 s cooldown the probe often lands right at that boundary.)
         await trio.sleep_until(t0 + self.duration / 3)
         await self.revoke()
         self.timeline.revoked_at = trio.current_time()
         await trio.sleep_until(t0 + 2 * self.duration / 3)
-        await self.restore()
         self.timeline.restored_at = trio.current_time()
+        await self.restore()
 
     async def _watch_breaker(self, end: float) -> None:
         state = self.gateway.router.states[self.primary]

@@ -6,11 +6,13 @@
     python -m loadtest.bench --install-peers      # install LiteLLM / Portkey into .cache/peers first
     python -m loadtest.bench --install-only       # install them and run nothing
     python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios g --repeat 3
+    python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios h
     python -m loadtest.bench --render             # redraw tables and chart from bench/results.json
 
 Targets: fake (the provider direct: the TTFT floor), floor-trio and floor-hypercorn (bare relays:
 the CPU and memory floors, see floor_trio.py / floor_hypercorn.py), gateway, litellm, portkey.
-Scenarios a-g as in bench.md (g: target CPU µs per relayed token). One fake provider process
+Scenarios a-h as in bench.md (g: target CPU µs per relayed token; h: overload fairness, new
+streams' TTFT while old streams overload the target). One fake provider process
 serves all targets; each target is started, measured and stopped in turn, the load generator runs
 in this process. Results go to `--out` (JSON), the markdown to stdout, charts to `--charts`.
 """
@@ -35,7 +37,7 @@ from .targets import (FLOORS, Running, child_fd_limit, scratch_dir, start_floor,
                       start_provider, wait_ready)
 
 ALL_TARGETS = ("fake", "floor-trio", "floor-hypercorn", "gateway", "litellm", "portkey")
-ALL_SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+ALL_SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
 # e measures when a stalled client's upstream is released: a policy the floors leave out on purpose
 # (they would hold every upstream stream for the whole hold time, 45 s of nothing to learn).
 FLOOR_SKIPS = frozenset({"e"})
@@ -47,9 +49,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(ALL_TARGETS))
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeat", type=int, default=None, help="runs of the cheap scenarios (a, c, f, g)")
+    p.add_argument("--repeat", type=int, default=None, help="runs of the cheap scenarios (a, c, f, g); h runs once")
     p.add_argument("--held", default=None, help="held-stream counts for b, e.g. 1000,5000,10000")
     p.add_argument("--ttft-streams", default=None, help="stream counts for a, e.g. 100,1000")
+    p.add_argument("--overload-streams", default=None,
+                   help="old-stream counts (50 tokens/s each) for h, e.g. 200,300; default 300")
     p.add_argument("--cache", default=".cache/peers", help="where peers are installed")
     p.add_argument("--install-peers", action="store_true",
                    help="install the peers among --targets that are missing, before measuring")
@@ -71,6 +75,8 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
         sizes = dataclasses.replace(sizes, held_streams=tuple(int(x) for x in args.held.split(",")))
     if args.ttft_streams:
         sizes = dataclasses.replace(sizes, ttft_streams=tuple(int(x) for x in args.ttft_streams.split(",")))
+    if args.overload_streams:
+        sizes = dataclasses.replace(sizes, overload_streams=tuple(int(x) for x in args.overload_streams.split(",")))
     chosen = args.scenarios.split(",")
     cache = Path(args.cache).resolve()
     work = scratch_dir()
@@ -181,7 +187,7 @@ async def _scenarios(key: str, provider: Running, chosen: list[str], sizes: scen
             if target is not provider:
                 target.stop()
         rows.setdefault(scenario, []).append({"target": target.name, "key": key, **row})
-        print(f"   {scenario}: {json.dumps({k: v for k, v in row.items() if k != 'ttft_cdf'})}",
+        print(f"   {scenario}: {json.dumps({k: v for k, v in row.items() if not k.endswith('ttft_cdf')})}",
               file=sys.stderr, flush=True)
         await trio.sleep(1.0)  # let sockets close and the provider settle
 
@@ -199,6 +205,9 @@ async def _scenarios(key: str, provider: Running, chosen: list[str], sizes: scen
         await one("e", lambda t: scenarios.stalled(t, sizes, control))
     if "g" in chosen:
         await one("g", lambda t: scenarios.cpu_per_token(t, sizes))
+    if "h" in chosen:
+        for n in sizes.overload_streams:
+            await one("h", lambda t, n=n: scenarios.overload_fairness(t, sizes, n, provider))
 
 
 def _row_id(row: dict) -> tuple:

@@ -222,11 +222,69 @@ def render(results: dict, charts: list[str]) -> str:
             for kind, what in (r.get("error_kinds") or {}).items():
                 parts.append(f"- {r['target']}, {kind} x {what}")
         parts.append("")
+    if "h" in rows:
+        parts += _overload(rows["h"])
     for chart in charts:
         parts.append(f"![{Path(chart).stem}]({chart})")
     if results["notes"]:
         parts += ["", "Notes from this run:", *[f"- {n}" for n in dict.fromkeys(results["notes"])]]
     return "\n".join(parts)
+
+
+def _limits(row: dict) -> str:
+    """What besides the target was at its limit during an h window (the row then shows that limit too)."""
+    out = []
+    if (row.get("provider_cores") or 0) >= SATURATED:
+        out.append("provider saturated")
+    cpus = row.get("machine_cpus")
+    if cpus and (row.get("machine_cores") or 0) >= SATURATED * cpus:
+        out.append("machine saturated")
+    return ", ".join(out)
+
+
+def _overload(rows: list[dict]) -> list[str]:
+    """h: new streams' TTFT idle vs under overload, next to the old streams' gaps and the cores."""
+    lines = []
+    for r in rows:
+        if "failed" in r:
+            lines.append([r["target"], *["-"] * 19, r["failed"][:80]])
+            continue
+        added, gap = r.get("added_p99"), r.get("old_itl_p99")
+        lines.append([r["target"], _v(r.get("streams")), _v(r.get("offered_tokens_per_s")),
+                      _v(r.get("old_tokens_per_s")), _v(r.get("cores"), 2),
+                      _v(r.get("idle_ttft_p50")), _v(r.get("idle_ttft_p99")),
+                      _v(r.get("ttft_p50")), _v(r.get("ttft_p99")), _v(r.get("added_p50")), _v(added),
+                      f"{_v(r.get('no_first_token'))} / {_v(r.get('probes'))}",
+                      _v(r.get("old_itl_p50")), _v(gap), _v(r.get("old_itl_max")),
+                      _v(added / gap, 1) if added is not None and gap else "-",
+                      _v(r.get("provider_cores"), 2), _v(r.get("loadgen_cores"), 2), _v(r.get("machine_cores"), 2),
+                      _v((r.get("probe_errors") or 0) + (r.get("old_errors") or 0)), _limits(r)])
+    first = next((r for r in rows if "failed" not in r), {})
+    rate = first.get("probe_rate", 10.0)
+    out = ["### h. Overload fairness: new streams' first token while old streams overload the target",
+           "Old streams: N held open at 50 tokens/s each (N × 50 tokens/s offered), started over N/100 s, "
+           f"each on its own connection. New streams: {_v(rate)}/s (open loop, constant gaps, each on a new "
+           "connection; "
+           "provider TTFT 100 ms, 5 tokens), first on the idle target, then on the same process once the "
+           "old streams have run a few seconds. TTFT of a new stream is from its scheduled start, ms; "
+           "\"added\" = loaded - idle. Delivered tokens/s, old-stream ITL (ms) and cores are over the new "
+           "streams' window. \"no first token\": new streams cut without one. Starvation shows as added TTFT "
+           "many times the old streams' ITL p99 (\"added p99 / old ITL p99\") or as new streams without a first token; "
+           "fair scheduling keeps a new stream's extra wait near one old-stream gap. The floors show what "
+           "the shared provider and load generator add at the same load. Machine busy cores: every "
+           "process on the machine (other users' included); near the core count the machine, not the "
+           "target, is the limit and the row says little about the target.", "",
+           _table(["target", "old streams", "offered tok/s", "delivered tok/s", "target cores",
+                   "new TTFT p50 idle", "p99 idle", "new TTFT p50 loaded", "p99 loaded", "added p50",
+                   "added p99", "no first token", "old ITL p50", "old ITL p99", "old ITL max",
+                   "added p99 / old ITL p99", "provider cores", "load gen cores", "machine busy cores",
+                   "errors", "note"], lines), ""]
+    for r in rows:
+        for which, key in (("new streams", "error_kinds"), ("old streams", "old_error_kinds")):
+            for kind, what in (r.get(key) or {}).items():
+                out.append(f"- {r['target']}, {which}, {kind} x {what}")
+    out.append("")
+    return out
 
 
 def write_charts(results: dict, folder: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The benchmark scenarios (a-g of the issues), each a function: target in, one result row out.
+"""The benchmark scenarios (a-h of the issues), each a function: target in, one result row out.
 
 Rules:
 - The provider's behaviour is set per request by a `fake:` directive in the prompt, so one
@@ -13,6 +13,10 @@ Rules:
 from __future__ import annotations
 
 import math
+import os
+import resource
+import time
+from array import array
 from dataclasses import dataclass
 from statistics import median
 from typing import Any
@@ -20,6 +24,8 @@ from typing import Any
 import httpx
 import trio
 
+from ..client import Client, Live, Sample, is_error
+from ..memory import measure as target_usage
 from ..runner import RunResult, run
 from ..stats import percentile
 from ..settings import Behaviour, RunSettings, Sampling, Shape
@@ -40,12 +46,19 @@ class Sizes:
     stall_hold: float = 40.0
     cpu_streams: int = 100
     cpu_waves: int = 4
+    # h: old streams x 50 tokens/s each; 300: 15,000 tokens/s offered, past one gateway process's
+    # ~12,000 (held long streams cost it ~80 µs per token here, set-up excluded)
+    overload_streams: tuple[int, ...] = (300,)
+    overload_settle: float = 3.0  # h: seconds of full load before the new streams start
+    probe_rate: float = 10.0  # h: new streams per second (open loop, constant gaps)
+    probe_seconds: float = 12.0  # h: how long new streams arrive (idle, then under load)
+    probe_grace: float = 8.0  # h: a new stream still without its end this long after the last arrival is cut
     repeat: int = 1
 
 
 QUICK = Sizes(ttft_streams=(100, 200), ttft_seconds=4.0, held_streams=(1000, 2000), held_seconds=4.0,
               throughput_seconds=5.0, slow_clients=200, slow_seconds=12.0, stalled_clients=30,
-              stall_hold=20.0)
+              stall_hold=20.0, overload_settle=2.0, probe_seconds=5.0, probe_grace=5.0)
 
 TTFT_PROMPT = 'fake: {"ttft": 0.1, "itl": 0.02, "tokens": 50}'
 HELD_PROMPT = 'fake: {"ttft": 600, "tokens": 1}'
@@ -55,6 +68,9 @@ SLOW_PROMPT = f'fake: {{"tokens": 100000, "itl": {SLOW_ITL}, "token_bytes": {SLO
 STALL_PROMPT = 'fake: {"tokens": 20000, "itl": 0.002, "token_bytes": 1000}'  # 20 MB, ~40 s
 CPU_TOKENS, CPU_ITL = 50, 0.04  # 25 tokens/s per stream
 CPU_PROMPT = f'fake: {{"ttft": 0.1, "itl": {CPU_ITL}, "tokens": {CPU_TOKENS}}}'
+OVERLOAD_ITL = 0.02  # h: 50 tokens/s per old stream, as in a; tokens enough to outlast any run
+OVERLOAD_PROMPT = f'fake: {{"ttft": 0.1, "itl": {OVERLOAD_ITL}, "tokens": 1000000}}'
+PROBE_PROMPT = 'fake: {"ttft": 0.1, "itl": 0.02, "tokens": 5}'  # h: a new stream: first token 100 ms away
 
 
 class Provider:
@@ -244,3 +260,138 @@ async def cpu_per_token(target: Running, sizes: Sizes) -> dict[str, Any]:
         "ttft_p50": _median(x.ttft_ms["p50"] for x in s), "itl_p99": _median(x.itl_ms["p99"] for x in s),
         "errors": sum(x.errors for x in s), "error_kinds": _error_kinds(s), "runs": len(runs),
     }
+
+
+class _OldStreams:
+    """h's background load: n long streams, started evenly over `ramp` s, each on its own connection.
+
+    Built on `Client` rather than `run` so the scenario can read the old streams' counters at the
+    edges of the measured window: the inter-token gaps are appended in arrival order, so a slice
+    of `itl` between two marks is exactly the gaps that ended inside the window. A stream that
+    ends (an error: none is meant to end) is replaced after 0.5 s, so a failing target is not
+    hammered by a closed loop.
+    """
+
+    def __init__(self, target: Running, n: int, provider: Running | None = None) -> None:
+        self.n, self.live, self.itl, self.samples = n, Live(), array("d"), []
+        self.pids = target.pids
+        self.provider_pids = provider.pids if provider is not None and provider is not target else ()
+        self.client = Client(target.load_target(OVERLOAD_PROMPT), Behaviour(), self.live, self.itl,
+                             trio.current_time() - time.perf_counter(), timeout=3600)
+
+    async def run(self, ramp: float) -> None:
+        await self.client.resolve()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for w in range(self.n):
+                nursery.start_soon(self._stream, start + ramp * w / self.n)
+
+    async def _stream(self, at: float) -> None:
+        await self.client.sleep_until(at)
+        while True:
+            sample = Sample(len(self.samples), 0, time.perf_counter())
+            self.samples.append(sample)
+            await self.client.request(sample, None, keep=False)
+            if is_error(sample.outcome):
+                await trio.sleep(0.5)
+
+    def mark(self) -> dict[str, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return {"at": time.perf_counter(), "itl": len(self.itl), "tokens": self.live.tokens,
+                "cpu": target_usage(self.pids)[1] if self.pids else math.nan,
+                "provider_cpu": target_usage(self.provider_pids)[1] if self.provider_pids else math.nan,
+                "machine_cpu": _machine_busy_s(),
+                "self_cpu": own.ru_utime + own.ru_stime, "open": self.live.open_streams}
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (every process, ours or not): /proc/stat, all cores."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return math.nan
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+def _probe_ttft(result: RunResult) -> dict[str, Any]:
+    """New streams: TTFT from each one's scheduled start (open loop: a late start cannot hide)."""
+    s = result.summary
+    return {"p50": s.ttft_ms["p50"], "p99": s.ttft_ms["p99"], "max": s.ttft_ms["max"],
+            "no_first_token": sum(1 for x in result.samples if math.isnan(x.first_token)),
+            "errors": s.errors, "error_kinds": _error_kinds([s]), "cdf": cdf(_ttfts(result))}
+
+
+async def overload_fairness(target: Running, sizes: Sizes, n: int, provider: Running | None = None
+                            ) -> dict[str, Any]:
+    """h. Under overload, are NEW streams' first tokens starved behind the token flow of OLD ones?
+
+    1. Idle: `probe_rate` new streams per second for `probe_seconds` (open loop, each on a new
+       connection, provider TTFT 100 ms, 5 tokens): their TTFT on this idle target.
+    2. Loaded: n old streams at 50 tokens/s each (15,000 tokens/s at 300: past what one Python
+       relay process at ~80 µs per held-stream token can do, so a gateway is CPU-bound),
+       started over n/100 s; after `overload_settle` s the same trickle of new streams again,
+       on the same target process. Over the trickle's window: the old streams' inter-token gaps
+       and delivered tokens/s, the cores (CPU s / wall s) of the target, of `provider` (the
+       upstream, when it is not the target), of the load generator, and of the whole machine
+       (near its core count, the machine and not the target is the limit).
+    Starvation: new streams' added TTFT (loaded - idle) far above the old streams' gaps, or new
+    streams without a first token before the cut (`probe_grace` s after the last arrival).
+    Fair: a new stream waits about as long as an old one waits for its next token.
+    One run per target and n, not repeated (~40 s at the default sizes, each bounded by them).
+    """
+    rate, window = sizes.probe_rate, sizes.probe_seconds
+    shape = Shape(rate=rate, requests=max(1, round(rate * window)), duration=window + sizes.probe_grace,
+                  timeout=window + sizes.probe_grace)
+    idle = _probe_ttft(await measure(target, PROBE_PROMPT, shape, sample=False))
+    await trio.sleep(0.5)
+    old = _OldStreams(target, n, provider)
+    ramp = n / 100
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old.run, ramp)
+        await trio.sleep(ramp + sizes.overload_settle)
+        before = old.mark()
+        loaded_run = await measure(target, PROBE_PROMPT, shape, sample=False)
+        after = old.mark()
+        nursery.cancel_scope.cancel()
+    loaded = _probe_ttft(loaded_run)
+    wall = after["at"] - before["at"]
+    gaps = sorted(old.itl[int(before["itl"]):int(after["itl"])])
+
+    def gap(q: float) -> float | None:
+        return round(percentile(gaps, q) * 1000, 3) if gaps else None
+
+    def minus(a: float | None, b: float | None) -> float | None:
+        return round(a - b, 3) if a is not None and b is not None else None
+
+    def rate_of(key: str) -> float | None:  # CPU seconds per wall second over the window
+        used = after[key] - before[key]
+        return round(used / wall, 2) if wall > 0 and not math.isnan(used) else None
+
+    return {
+        "streams": n, "offered_tokens_per_s": round(n / OVERLOAD_ITL), "probe_rate": rate,
+        "probes": shape.requests, "window_s": round(wall, 2),
+        "idle_ttft_p50": idle["p50"], "idle_ttft_p99": idle["p99"], "idle_no_first_token": idle["no_first_token"],
+        "ttft_p50": loaded["p50"], "ttft_p99": loaded["p99"], "ttft_max": loaded["max"],
+        "added_p50": minus(loaded["p50"], idle["p50"]), "added_p99": minus(loaded["p99"], idle["p99"]),
+        "no_first_token": loaded["no_first_token"],
+        "probe_errors": idle["errors"] + loaded["errors"],
+        "error_kinds": {**idle["error_kinds"], **loaded["error_kinds"]},
+        "old_open": int(after["open"]), "old_open_before": int(before["open"]),
+        "old_tokens_per_s": round((after["tokens"] - before["tokens"]) / wall) if wall > 0 else None,
+        "old_itl_p50": gap(50), "old_itl_p99": gap(99), "old_itl_max": gap(100),
+        "old_errors": sum(1 for x in old.samples if is_error(x.outcome)),
+        "old_error_kinds": _error_kinds_of(old.samples),
+        "cores": rate_of("cpu"), "provider_cores": rate_of("provider_cpu"), "machine_cores": rate_of("machine_cpu"),
+        "loadgen_cores": rate_of("self_cpu"), "machine_cpus": os.cpu_count(),
+        "idle_ttft_cdf": idle["cdf"], "ttft_cdf": loaded["cdf"],
+    }
+
+
+def _error_kinds_of(samples: list[Sample]) -> dict[str, str]:
+    out: dict[str, list] = {}
+    for x in samples:
+        if is_error(x.outcome):
+            out.setdefault(x.outcome, [0, x.detail[:120]])[0] += 1
+    return {k: f"{c}: {d}" for k, (c, d) in out.items()}

@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from proxy.core.sse import DONE, encode_event
-from proxy.server.pump import KEEPALIVE as KEEPALIVE_COMMENT, Relay
+from proxy.server.pump import KEEPALIVE as KEEPALIVE_COMMENT, Relay, put
 
 EVENTS = 200
 WARMUP = 10
@@ -37,10 +37,10 @@ SPACING = 0.25  # virtual seconds between events: 200 events = 50 s
 OFFSET = SPACING / 2  # events never land on the same instant as a watchdog alarm
 WRITE_TIMEOUT = 10.0
 KEEPALIVE = 15.0
-# Measured on today's pump (reader: wake on the upstream, channel send; writer: wake on the
-# channel, client send) and on its watchdog (one step per alarm). Bounds, not estimates: a single
-# extra step per event breaks them.
-STEPS_PER_EVENT = 4
+# Measured on today's pump (reader: wake on the upstream, `put` without a yield; writer: wake on
+# the channel, client send) and on its watchdog (one step per alarm). Bounds, not estimates: a
+# single extra step per event breaks them (a plain `channel.send` in the producer does).
+STEPS_PER_EVENT = 3
 STEPS_PER_ALARM = 1
 
 
@@ -126,9 +126,9 @@ async def measure(counter: Counter, relay_class: type[Relay] = Relay) -> Costs:
     upstream_send, upstream = trio.open_memory_channel(0)
     window = []
 
-    async def produce(channel):
+    async def produce(channel):  # as the endpoints' producer: pump.put
         async for item in upstream:
-            await channel.send(item)
+            await put(channel, item)
 
     async def pace():  # the provider: one event per SPACING
         counter.ignored.add(trio.lowlevel.current_task())

@@ -22,7 +22,7 @@ from proxy.core.usage import Usage
 from proxy.formats import Chunk
 from proxy.routing.failover import Failover, Served
 from proxy.server.asgi import ClientGone, Receive, Send, send_json, until_disconnect
-from proxy.server.pump import Relay
+from proxy.server.pump import Relay, put
 from proxy.server.streams import Streams
 
 
@@ -81,11 +81,11 @@ class ChatEndpoint:
             async def emit(chunks: list[Chunk]) -> None:
                 # One channel item per upstream read: the events of one read travel together.
                 if out := encoder.encode(chunks):
-                    await channel.send(out)
+                    await put(channel, out)
 
             await self._failover.stream(request, emit, served)
             if out := encoder.finish():
-                await channel.send(out)
+                await put(channel, out)
 
         def done(relay: Relay) -> None:
             self._done(request, served, relay.outcome, usage, started, relay.bytes_written)

@@ -76,6 +76,18 @@ class Finish:
 Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
 
 
+async def put(channel: trio.MemorySendChannel, item: bytes) -> None:
+    """What a producer uses instead of `channel.send`: no scheduler round trip when there is
+    room. The reader has just yielded in its socket receive, so this stays fair, saves a step per
+    event, and under overload a new stream's first token waits one batch of other tasks less."""
+    try:
+        channel.send_nowait(item)
+        return
+    except trio.WouldBlock:
+        pass
+    await channel.send(item)  # full: the client is slow, wait (outside the handler)
+
+
 class Relay:
     def __init__(self, send: Send, receive: Receive, *, write_timeout: float, buffer: int,
                  keepalive_interval: float,

@@ -7,7 +7,7 @@ import pytest
 
 from proxy.formats.messages_api import StreamEncoder, error_event, parse_messages_request, to_message
 from proxy.core.errors import InvalidRequest, UpstreamStatusError
-from proxy.formats import RawEvent
+from proxy.core.events import Chunk
 from proxy.formats.anthropic import to_anthropic
 from proxy.core.sse import SSEDecoder
 
@@ -133,14 +133,14 @@ def chunk(delta=None, finish=None, usage=None):
          [{"index": 0, "delta": delta, "finish_reason": finish}]}
     if usage:
         c["usage"] = usage
-    return c
+    return Chunk(orjson.dumps(c), usage=usage or None)
 
 
 async def test_stream_encoder_blocks_indices_and_order():
     encoder = StreamEncoder("m")
     out = encoder.encode([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"})])
-    out += encoder.encode([orjson.dumps(chunk({"tool_calls": [{"index": 0, "id": "a", "function": {
-        "name": "f", "arguments": '{"x"'}}]}))])
+    out += encoder.encode([Chunk(chunk({"tool_calls": [{"index": 0, "id": "a", "function": {
+        "name": "f", "arguments": '{"x"'}}]}).data.replace(b",", b", "))])  # as another provider spaces it
     out += encoder.encode([chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": ""}}]}),
                            chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}),
                            chunk({}, "tool_calls"), chunk(usage={"prompt_tokens": 3, "completion_tokens": 2})])
@@ -164,8 +164,8 @@ async def test_stream_encoder_blocks_indices_and_order():
 
 async def test_stream_encoder_forwards_raw_events_verbatim():
     encoder = StreamEncoder("m")
-    raw = RawEvent("message_start", b'{"type":"message_start","message":{"id":"msg_1"}}',
-                   usage={"prompt_tokens": 5, "completion_tokens": 0})
+    raw = Chunk(b'{"type":"message_start","message":{"id":"msg_1"}}',
+                usage={"prompt_tokens": 5, "completion_tokens": 0}, event="message_start")
     assert encoder.encode([raw]) == b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1"}}\n\n'
     assert encoder.finish() == b""  # the provider's own message_stop ends it
     assert encoder.usage["prompt_tokens"] == 5

@@ -17,7 +17,7 @@ import pytest
 from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from proxy.formats import RawEvent, make_adapter
+from proxy.formats import make_adapter
 from proxy.routing.policy import Action, classify
 
 TEXT = "Héllo wörld ✓ — 日本"
@@ -133,8 +133,8 @@ def summary(chunks: list) -> dict[str, Any]:
     """What a client would assemble from canonical chunks."""
     out: dict[str, Any] = {"text": "", "calls": {}, "finish": None, "usage": None}
     for chunk in chunks:
-        assert not isinstance(chunk, RawEvent)
-        chunk = orjson.loads(chunk) if isinstance(chunk, bytes) else chunk
+        assert chunk.event is None
+        chunk = orjson.loads(chunk.data)
         assert chunk["object"] == "chat.completion.chunk"
         if chunk.get("usage"):
             out["usage"] = chunk["usage"]
@@ -235,7 +235,7 @@ async def test_an_error_event_fails_after_relaying_what_came(kind, size):
 
 def summary_text(chunks: list) -> str:
     return "".join((c.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
-                   for c in (orjson.loads(x) if isinstance(x, bytes) else x for x in chunks))
+                   for c in (orjson.loads(x.data) for x in chunks))
 
 
 async def test_anthropic_overloaded_event_is_a_529_retryable_like_503():
@@ -317,3 +317,68 @@ async def test_a_provider_echoing_its_key_never_passes_it_on(kind):
     assert error.status == 401
     assert "sk-provider" not in error.message and "sk-provider" not in str(error.to_body())
     assert "sk-provider" not in str(error.to_anthropic_body()) and "***" in error.message
+
+
+def shows(chunk: dict[str, Any]) -> bool:
+    """What a client must see: content, a tool call, a refusal, a finish reason, or usage alone."""
+    choices = chunk.get("choices")
+    return not choices or any(c["delta"].get("content") or c["delta"].get("tool_calls")
+                              or c["delta"].get("refusal") or c.get("finish_reason") for c in choices)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [1, 7, 1 << 20])
+async def test_chunks_say_what_they_carry(kind, size):
+    """`visible` and `usage`, set by the adapter without the pipeline parsing anything, agree
+    with the chunk's JSON: the role chunk is the one chunk nobody needs to see."""
+    chunks, failed = run(kind, splits(CASES[kind][0], size))
+    assert failed is None
+    parsed = [orjson.loads(c.data) for c in chunks]
+    assert [c.visible for c in chunks] == [shows(p) for p in parsed]
+    assert [c.visible for c in chunks].count(False) == 1 and not chunks[0].visible
+    assert [c.usage for c in chunks] == [p.get("usage") for p in parsed]
+    assert chunks[-1].usage == CASES[kind][2]
+
+
+@pytest.mark.parametrize("delta, finish, visible", [
+    ({"role": "assistant", "content": ""}, None, False),
+    ({"role": "assistant", "content": "", "refusal": None}, None, False),
+    ({"content": None}, None, False),
+    ({}, None, False),
+    ({"content": "x"}, None, True),
+    ({"content": "\""}, None, True),
+    ({"refusal": "no"}, None, True),
+    ({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}, None, True),
+    ({}, "stop", True),
+])
+@pytest.mark.parametrize("separators", ["compact", "spaced"])
+async def test_openai_visibility_is_read_off_the_bytes(delta, finish, visible, separators):
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": None}
+    if separators == "spaced":  # some compatible servers write JSON as Python's json.dumps does
+        import json
+        data = json.dumps(chunk).encode()
+    else:
+        data = orjson.dumps(chunk)
+    parser = adapter("openai").stream_parser(1 << 20)
+    (got,) = parser.feed(b"data: " + data + b"\n\n")
+    assert got.data == data and got.visible is visible
+    # a spaced "usage": null is not ruled out by bytes: a usage object without counts
+    assert got.usage == ({} if separators == "spaced" else None)
+
+
+async def test_anthropic_passthrough_forwards_the_events_as_they_came():
+    anthropic_request = ChatRequest(model="m", stream=True, include_usage=True,
+                                    body={"model": "m", "messages": [], "stream": True},
+                                    anthropic_body={"model": "m", "messages": [], "stream": True})
+    parser = adapter("anthropic").stream_parser(1 << 20, anthropic_request)
+    chunks = []
+    for piece in splits(ANTHROPIC_STREAM, 5):
+        chunks += parser.feed(piece)
+    chunks += parser.close()
+    assert parser.failed is None
+    assert [b"event: %s\ndata: %s\n\n" % (c.event.encode(), c.data) for c in chunks] == ANTHROPIC_EVENTS
+    assert all(c.visible for c in chunks)
+    with_usage = [(c.event, c.usage) for c in chunks if c.usage is not None]
+    assert [event for event, _ in with_usage] == ["message_start", "message_delta"]
+    assert with_usage[-1][1] == CASES["anthropic"][2]

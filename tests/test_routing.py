@@ -231,7 +231,7 @@ async def test_ttft_timeout_fails_over_before_any_byte(autojump_clock):
     await gw.stream(request(stream=True), emit, served)
     assert up.calls == [(0.0, "p1"), (2.0, "p2")]
     assert emitted[0][0] == 2.5  # role chunk held back until the first token, then both at once
-    assert b'"role"' in emitted[0][1][0] and b'"Hi"' in emitted[0][1][1]
+    assert b'"role"' in emitted[0][1][0].data and b'"Hi"' in emitted[0][1][1].data
     assert served.deployment == "p2/b"
 
 

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from proxy.core.errors import ToolArgumentsInvalid
+from proxy.core.events import Chunk
 from proxy.formats.tool_args import ToolCallChecker, arguments_error, check_completion, schema_error
 
 SCHEMA = {"type": "object", "required": ["city"], "additionalProperties": False,
@@ -40,13 +41,13 @@ async def test_unknown_keywords_never_reject():
 
 
 def chunk(delta=None, finish=None):
-    return {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
+    return Chunk(orjson.dumps({"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}))
 
 
 async def test_checker_stops_before_the_finish_chunk():
     checker = ToolCallChecker({"f": SCHEMA})
     first = [chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": '{"ci'}}]}),
-             orjson.dumps(chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": 5}'}}]}))]
+             chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": 5}'}}]})]
     passed, error = checker.check(first)
     assert passed == first and error is None  # fragments flow while the call is unfinished
     passed, error = checker.check([chunk({"content": "x"}), chunk(finish="tool_calls"), chunk()])
@@ -56,7 +57,7 @@ async def test_checker_stops_before_the_finish_chunk():
 
 async def test_checker_passes_valid_and_plain_chunks():
     checker = ToolCallChecker({"f": SCHEMA})
-    chunks = [b'{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}',
+    chunks = [Chunk(b'{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'),
               chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"city": "Rome"}'}}]}),
               chunk(finish="tool_calls")]
     assert checker.check(chunks) == (chunks, None)

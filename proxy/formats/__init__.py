@@ -1,10 +1,11 @@
 """One seam for every provider: adapters are pure translation, behind one Protocol.
 
 An adapter turns the canonical request (OpenAI-shaped, `proxy.core.request.ChatRequest`) into a
-`WireRequest`, and the provider's bytes back into canonical chunks, completions and errors. It does
-no I/O: `proxy/transport/upstream.py` is the only module that talks to the network. That keeps adapters
-testable byte by byte and lets one contract test suite (tests/test_providers_contract.py) run
-over all of them.
+`WireRequest`, and the provider's bytes back into `Chunk`s (`proxy/core/events.py`, the one event
+type of a stream: the adapter also says whether each is visible and what usage it carries),
+canonical completions and errors. It does no I/O: `proxy/transport/upstream.py` is the only module
+that talks to the network. That keeps adapters testable byte by byte and lets one contract test
+suite (tests/test_providers_contract.py) run over all of them.
 
 Canonical usage is described in `proxy/core/usage.py`.
 
@@ -17,9 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+import orjson
+
 from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError
+from proxy.core.events import Chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +39,6 @@ class WireRequest:
         # exact-size copy instead: ~4 KB less per open stream.
         object.__setattr__(self, "body", memoryview(self.body).tobytes())
 
-
-@dataclass(frozen=True, slots=True)
-class RawEvent:
-    """An Anthropic SSE event passed through unchanged (client and provider both speak Anthropic).
-
-    `usage` is the canonical usage known after this event (for logs), or None if it changed nothing.
-    """
-
-    event: str
-    data: bytes
-    usage: dict[str, Any] | None = None
-
-
-# A canonical stream chunk: an OpenAI chat.completion.chunk, either as a dict or, when the
-# provider already wrote that shape, as its raw JSON bytes (forwarded without a JSON round trip);
-# or a RawEvent on the Anthropic passthrough path (only /v1/messages ever sees those).
-Chunk = bytes | dict[str, Any] | RawEvent
 
 # Key of a canonical completion that also carries the provider's own Anthropic message
 # (passthrough, non-streaming): /v1/messages answers with it as-is. Never reaches OpenAI clients.
@@ -77,7 +64,8 @@ class StreamParser(Protocol):
 
 class ProviderAdapter(Protocol):
     """`request`, where passed to the parsers, is the request being answered: the Anthropic
-    adapter needs it to know a passthrough (RawEvents out), the tool validator its schemas."""
+    adapter needs it to know a passthrough (provider events out as they came), the tool validator
+    its schemas."""
 
     name: str
 
@@ -94,6 +82,19 @@ class ProviderAdapter(Protocol):
         ...
 
     def parse_embeddings(self, body: bytes) -> dict[str, Any]: ...
+
+
+def canonical_chunk(id_: str, created: int, model: Any, delta: dict[str, Any] | None,
+                    finish: str | None = None, usage: dict[str, Any] | None = None) -> Chunk:
+    """A chunk an adapter builds (Anthropic, Ollama): one choice's delta, or with `delta` None the
+    usage alone; serialized once, here."""
+    body: dict[str, Any] = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [] if delta is None else
+                            [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage
+    visible = delta is None or bool(finish or delta.get("content") or delta.get("tool_calls"))
+    return Chunk(orjson.dumps(body), visible, usage)
 
 
 def redact(error: GatewayError, secret: str | None) -> GatewayError:

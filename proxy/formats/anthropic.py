@@ -11,8 +11,9 @@ the stable prefix is cached without clients knowing Anthropic's syntax.
 
 Passthrough: a request that came in as Anthropic (`ChatRequest.anthropic_body`) is sent as the
 client wrote it, with only the model replaced, and with the client's `anthropic-beta` header: no
-lossy round trip (cache_control, thinking blocks, metadata survive). Its stream comes back as `RawEvent`s forwarded verbatim, and its
-non-streaming message rides along under `ANTHROPIC_MESSAGE`; usage and errors are still read.
+lossy round trip (cache_control, thinking blocks, metadata survive). Its stream comes back as the
+provider's own events (`Chunk.event` set), forwarded verbatim, and its non-streaming message rides
+along under `ANTHROPIC_MESSAGE`; usage and errors are still read.
 
 Stream (Anthropic SSE -> canonical chunks): message_start gives the id, model and input usage;
 content_block_start/delta of text and tool_use (`input_json_delta`) become content and
@@ -34,7 +35,8 @@ from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.sse import SSEDecoder, SSEError
-from proxy.formats import ANTHROPIC_MESSAGE, RawEvent, WireRequest, redact
+from proxy.core.events import Chunk
+from proxy.formats import ANTHROPIC_MESSAGE, WireRequest, canonical_chunk, redact
 from proxy.core.usage import usage
 
 DEFAULT_VERSION = "2023-06-01"
@@ -282,7 +284,7 @@ def to_completion(message: dict[str, Any]) -> dict[str, Any]:
 
 
 class AnthropicStreamParser:
-    """Anthropic SSE -> canonical chunks (dicts), or RawEvents on the passthrough path."""
+    """Anthropic SSE -> canonical chunks, or the events as they came on the passthrough path."""
 
     def __init__(self, provider: str, max_event_bytes: int, *, raw: bool = False):
         self._provider = provider
@@ -297,14 +299,14 @@ class AnthropicStreamParser:
         self._stopped = False
         self.failed: GatewayError | None = None
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes) -> list[Chunk]:
         try:
             return self._chunks(self._sse.feed(data))
         except SSEError as e:
             self.failed = UpstreamError(f"provider {self._provider}: {e}")
             return []
 
-    def close(self) -> list[Any]:
+    def close(self) -> list[Chunk]:
         try:
             chunks = self._chunks(self._sse.close())
         except SSEError as e:
@@ -314,8 +316,8 @@ class AnthropicStreamParser:
             self.failed = UpstreamError(f"provider {self._provider} ended the stream before it was complete")
         return chunks
 
-    def _chunks(self, events: list) -> list[Any]:
-        chunks: list[Any] = []
+    def _chunks(self, events: list) -> list[Chunk]:
+        chunks: list[Chunk] = []
         for event in events:
             if self._stopped or self.failed is not None:
                 break
@@ -336,7 +338,7 @@ class AnthropicStreamParser:
                 break
             changed = self._read_usage(kind, data)
             if self._raw:
-                chunks.append(RawEvent(kind, event.data, self.usage() if changed else None))
+                chunks.append(Chunk(event.data, usage=self.usage() if changed else None, event=kind))
                 self._stopped = kind == "message_stop"
                 continue
             chunks.extend(self._translate(kind, data))
@@ -365,16 +367,10 @@ class AnthropicStreamParser:
         return True
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None,
-               usage_: dict[str, Any] | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"id": self._id, "object": "chat.completion.chunk",
-                                 "created": self._created, "model": self._model,
-                                 "choices": [] if delta is None else
-                                 [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage_ is not None:
-            chunk["usage"] = usage_
-        return chunk
+               usage_: dict[str, Any] | None = None) -> Chunk:
+        return canonical_chunk(self._id, self._created, self._model, delta, finish, usage_)
 
-    def _translate(self, kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    def _translate(self, kind: str, data: dict[str, Any]) -> list[Chunk]:
         if kind == "message_start":
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":

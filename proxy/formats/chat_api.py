@@ -1,9 +1,10 @@
 """The OpenAI Chat Completions API as our /v1/chat/completions speaks it (the client side).
 
 The canonical shape is this API's own, so requests are only validated (`proxy.core.request`) and
-stream chunks pass through as the provider's adapter produced them. One rule of our own: usage is
-always requested from the provider (accounting needs it) and shown to the client only when it
-asked with `stream_options.include_usage` — the usage-only chunk is dropped otherwise.
+stream chunks pass through as the provider's adapter produced them; only a chunk with usage is
+parsed and written again. One rule of our own: usage is always requested from the provider
+(accounting needs it) and shown to the client only when it asked with
+`stream_options.include_usage` — the usage-only chunk is dropped otherwise.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 import orjson
 
 from proxy.core.errors import GatewayError
+from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest, parse_chat_request
 from proxy.core.sse import DONE, encode_event
 from proxy.core.usage import Usage
-from proxy.formats import Chunk
 
 
 class ChatAPI:
@@ -59,18 +60,16 @@ class ChatStreamEncoder:
         parts = []
         self._usage.streamed_chunks += len(chunks)
         for chunk in chunks:
-            if isinstance(chunk, bytes):
-                if b'"usage"' not in chunk or b'"usage":null' in chunk:
-                    parts.append(encode_event(chunk))  # the common case: forwarded as written
-                    continue
-                chunk = orjson.loads(chunk)
-            if "usage" in chunk:
-                self._usage.update(chunk["usage"])
-                if not self._include_usage:
-                    if not chunk.get("choices"):
-                        continue  # the usage-only chunk we asked for on our own behalf
-                    del chunk["usage"]
-            parts.append(encode_event(orjson.dumps(chunk)))
+            if chunk.usage is None:
+                parts.append(encode_event(chunk.data))  # the common case: forwarded as written
+                continue
+            self._usage.update(chunk.usage)
+            parsed = orjson.loads(chunk.data)
+            if "usage" in parsed and not self._include_usage:
+                if not parsed.get("choices"):
+                    continue  # the usage-only chunk we asked for on our own behalf
+                del parsed["usage"]
+            parts.append(encode_event(orjson.dumps(parsed)))
         return b"".join(parts)
 
     def finish(self) -> bytes:

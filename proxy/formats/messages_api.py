@@ -9,7 +9,7 @@ Sans-IO, used by the chat endpoint on POST /v1/messages (`proxy/server/endpoints
   delta/stop with text_delta and input_json_delta, message_delta with the stop reason and usage,
   message_stop). OpenAI tool_calls deltas are keyed by tool index; each tool gets its own
   content block, opened when its first fragment arrives, and fragments are relayed in order.
-  `RawEvent`s (passthrough) are written verbatim.
+  Provider events passed through (`Chunk.event` set) are written verbatim.
 - `error_event`: a failure after the first byte, as Anthropic's `event: error`.
 
 Translation rules: `system` -> a system message; `tool_result` blocks -> `tool` messages (placed
@@ -30,7 +30,8 @@ import orjson
 from proxy.core.request import ChatRequest, load_request_object
 from proxy.core.errors import GatewayError, InvalidRequest
 from proxy.core.usage import Usage
-from proxy.formats import ANTHROPIC_MESSAGE, RawEvent
+from proxy.core.events import Chunk
+from proxy.formats import ANTHROPIC_MESSAGE
 from proxy.core.sse import encode_event
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -302,20 +303,18 @@ class StreamEncoder:
         self._raw = False
         self.usage: dict[str, Any] = {}  # the latest canonical usage (for logs)
 
-    def encode(self, chunks: list[Any]) -> bytes:
+    def encode(self, chunks: list[Chunk]) -> bytes:
         out: list[bytes] = []
         self._record.streamed_chunks += len(chunks)
         for chunk in chunks:
-            if isinstance(chunk, RawEvent):
+            if chunk.event is not None:  # the provider's own event (passthrough)
                 self._raw = True
                 if chunk.usage is not None:
                     self.usage = chunk.usage
                     self._record.update(chunk.usage)
                 out.append(encode_event(chunk.data, chunk.event))
                 continue
-            if isinstance(chunk, bytes):
-                chunk = orjson.loads(chunk)
-            self._chunk(chunk, out)
+            self._chunk(orjson.loads(chunk.data), out)
         return b"".join(out)
 
     def finish(self) -> bytes:

@@ -23,7 +23,8 @@ import orjson
 from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
-from proxy.formats import WireRequest, redact
+from proxy.core.events import Chunk
+from proxy.formats import WireRequest, canonical_chunk, redact
 from proxy.core.usage import usage
 
 
@@ -173,7 +174,7 @@ def to_ollama(body: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 class OllamaStreamParser:
-    """Ollama NDJSON -> canonical chunks (dicts)."""
+    """Ollama NDJSON -> canonical chunks."""
 
     def __init__(self, provider: str, max_event_bytes: int):
         self._provider = provider
@@ -186,7 +187,7 @@ class OllamaStreamParser:
         self._done = False
         self.failed: GatewayError | None = None
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Chunk]:
         self._buf += data
         *lines, rest = self._buf.split(b"\n")
         self._buf = bytearray(rest)
@@ -195,19 +196,19 @@ class OllamaStreamParser:
             self.failed = UpstreamError(f"provider {self._provider}: stream line larger than {self._max} bytes")
         return chunks
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[Chunk]:
         chunks = self._lines([bytes(self._buf)])
         self._buf = bytearray()
         if self.failed is None and not self._done:
             self.failed = UpstreamError(f"provider {self._provider} ended the stream before it was complete")
         return chunks
 
-    def _chunk(self, model: Any, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-        return {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": model,
-                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def _chunk(self, model: Any, delta: dict[str, Any] | None, finish: str | None = None,
+               usage_: dict[str, Any] | None = None) -> Chunk:
+        return canonical_chunk(self._id, self._created, model, delta, finish, usage_)
 
-    def _lines(self, lines: list) -> list[dict[str, Any]]:
-        chunks: list[dict[str, Any]] = []
+    def _lines(self, lines: list) -> list[Chunk]:
+        chunks: list[Chunk] = []
         for line in lines:
             line = bytes(line).strip()
             if not line:
@@ -239,7 +240,6 @@ class OllamaStreamParser:
             if obj.get("done"):
                 self._done = True
                 chunks.append(self._chunk(model, {}, _finish(obj, self._calls > 0)))
-                u = self._chunk(model, None)
-                u["usage"] = usage(obj.get("prompt_eval_count") or 0, obj.get("eval_count") or 0)
-                chunks.append(u)
+                chunks.append(self._chunk(model, None, usage_=usage(obj.get("prompt_eval_count") or 0,
+                                                                    obj.get("eval_count") or 0)))
         return chunks

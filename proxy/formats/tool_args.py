@@ -7,12 +7,13 @@ error (502, retryable) instead of reaching the client as if it were fine.
 `ToolCallChecker` is sans-IO: it accumulates each tool call's argument fragments (per choice and
 tool index, in order) and, when a chunk carries that choice's finish_reason, validates them before
 that chunk is passed on. The chunks before the finish go through unchanged, so a valid stream
-costs one dict lookup per chunk (raw OpenAI bytes are only parsed when they mention tool_calls or
-finish_reason). `ValidatingAdapter` wraps a provider's adapter (`make_adapter` does it for
+costs two byte searches per chunk (a chunk is only parsed when it mentions tool_calls or has no
+`"finish_reason":null`). `ValidatingAdapter` wraps a provider's adapter (`make_adapter` does it for
 `tool_arguments = "validate"`): its stream parser runs the checker under the parser contract
 (chunks before the error are returned, then `failed` is set) and its completions are checked
-whole, so the failover loop and the endpoints need not know. The Anthropic passthrough path (RawEvents)
-is not checked: there the client and the provider share a format and the events go verbatim.
+whole, so the failover loop and the endpoints need not know. The Anthropic passthrough path (chunks
+with an `event`) is not checked: there the client and the provider share a format and the events go
+verbatim.
 
 The schema check is a deliberately small subset of JSON Schema, the part function schemas use:
 type (incl. lists of types and "integer"), properties, required, additionalProperties (false or
@@ -28,6 +29,7 @@ from typing import Any
 import orjson
 
 from proxy.core.errors import ToolArgumentsInvalid
+from proxy.core.events import Chunk
 
 _TYPES: dict[str, Any] = {
     "object": lambda v: isinstance(v, dict),
@@ -139,18 +141,16 @@ class ToolCallChecker:
         self._schemas = schemas
         self._calls: dict[tuple[int, int], list[Any]] = {}  # (choice, tool index) -> [name, fragments]
 
-    def check(self, chunks: list[Any]) -> tuple[list[Any], ToolArgumentsInvalid | None]:
+    def check(self, chunks: list[Chunk]) -> tuple[list[Chunk], ToolArgumentsInvalid | None]:
         """The chunks that may pass, and the error that stops the rest (if any)."""
         for i, chunk in enumerate(chunks):
-            parsed = chunk
-            if isinstance(chunk, bytes):
-                if b"tool_calls" not in chunk and b'"finish_reason":null' in chunk:
-                    continue
-                parsed = orjson.loads(chunk)
-            if not isinstance(parsed, dict):
-                continue  # RawEvent: passthrough is not checked here (see messages_api.py)
+            data = chunk.data
+            if chunk.event is not None:
+                continue  # passthrough is not checked here (see the module docstring)
+            if data.find(b"tool_calls") < 0 and data.find(b'"finish_reason":null') >= 0:
+                continue
             try:
-                self._chunk(parsed)
+                self._chunk(orjson.loads(data))
             except ToolArgumentsInvalid as error:
                 return chunks[:i], error
         return chunks, None
@@ -179,17 +179,17 @@ class _ValidatingParser:
         self._checker = checker
         self.failed: Any = None
 
-    def _pass(self, chunks: list[Any]) -> list[Any]:
+    def _pass(self, chunks: list[Chunk]) -> list[Chunk]:
         if self.failed is not None:
             return []
         chunks, invalid = self._checker.check(chunks)
         self.failed = invalid or self._parser.failed
         return chunks
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes) -> list[Chunk]:
         return self._pass(self._parser.feed(data))
 
-    def close(self) -> list[Any]:
+    def close(self) -> list[Chunk]:
         return self._pass(self._parser.close())
 
 

@@ -25,8 +25,9 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 import trio
 
 from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout
+from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest
-from proxy.formats import Chunk, ProviderAdapter
+from proxy.formats import ProviderAdapter
 from proxy.routing.policy import Action, backoff, classify, retry_after_seconds
 from proxy.routing.router import DeploymentState, Router
 from proxy.transport.upstream import Upstream
@@ -50,24 +51,6 @@ class Served:
         return [(b"x-gateway-deployment", self.deployment.encode()),
                 (b"x-gateway-attempts", str(self.attempts).encode()),
                 (b"x-gateway-fallback", b"true" if self.fallback else b"false")]
-
-
-def _is_token(chunk: Chunk) -> bool:
-    """Does this chunk carry something the client must see (content, a tool call, the end)?"""
-    if isinstance(chunk, bytes):
-        return (b'"content":"' in chunk.replace(b'"content":""', b"") or b'"tool_calls"' in chunk
-                or b'"finish_reason":"' in chunk or b'"content": "' in chunk.replace(b'"content": ""', b""))
-    if not isinstance(chunk, dict):
-        return True  # a provider-native event passed through: forward it as it comes
-    choices = chunk.get("choices")
-    if not choices:
-        return True  # usage-only chunk: the end is near
-    for choice in choices:
-        delta = choice.get("delta") or {}
-        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason") \
-                or delta.get("refusal"):
-            return True
-    return False
 
 
 class Failover:
@@ -94,7 +77,7 @@ class Failover:
                 parser = adapter.stream_parser(self.max_event_bytes, request)
                 held: list[Chunk] = []
                 data = b"-"
-                while data and not any(map(_is_token, held)):
+                while data and not any(chunk.visible for chunk in held):
                     data = await body.next()
                     held += parser.feed(data) if data else parser.close()
                     if parser.failed is not None:

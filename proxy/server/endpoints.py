@@ -17,9 +17,9 @@ from typing import Any, Mapping, Protocol
 import trio
 
 from proxy.core.errors import GatewayError
+from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest, parse_embeddings_request
 from proxy.core.usage import Usage
-from proxy.formats import Chunk
 from proxy.routing.failover import Failover, Served
 from proxy.server.asgi import ClientGone, Receive, Send, send_json, until_disconnect
 from proxy.server.pump import Relay, put

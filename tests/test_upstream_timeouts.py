@@ -1,4 +1,5 @@
-"""first_byte_timeout vs read_timeout, on the autojump clock: exact times, both modes.
+"""first_byte_timeout vs read_timeout, on the autojump clock: exact times, both modes; and the
+bounds on a plain answer (max_response_bytes, also for a compressed body that inflates past it).
 
 A scripted provider (raw trio socket, same process) sends its response head at once, then the
 body parts at given virtual times. first_byte_timeout must cover the wait for the first output
@@ -27,7 +28,8 @@ def token(text: str) -> bytes:
     return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
 
 
-async def provider(nursery: trio.Nursery, script: list[tuple[float, bytes]], content_type: bytes) -> int:
+async def provider(nursery: trio.Nursery, script: list[tuple[float, bytes]], content_type: bytes,
+                   head: bytes = HEAD) -> int:
     """Serve one request: head at t=0, then each (delay, bytes) of the script."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
 
@@ -35,7 +37,7 @@ async def provider(nursery: trio.Nursery, script: list[tuple[float, bytes]], con
         data = b""
         while b"\r\n\r\n" not in data:
             data += await stream.receive_some(65536)
-        await stream.send_all(HEAD % content_type)
+        await stream.send_all(head % content_type)
         for delay, part in script:
             await trio.sleep(delay)
             await stream.send_all(chunk(part))
@@ -159,4 +161,31 @@ async def test_a_plain_answer_larger_than_max_response_bytes_is_a_502(autojump_c
         with pytest.raises(Exception) as info:
             await up.request(adapter, wire(adapter, False))
         assert info.value.status == 502 and "max_response_bytes" in info.value.message
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_gzip_bomb_is_a_502_at_max_response_bytes_with_bounded_memory():
+    """1 MiB of gzip that inflates to 1 GiB: refused once the decoded bytes pass the cap, without
+    ever holding much more than the cap (the transport inflates at most 64 KiB per step)."""
+    import tracemalloc
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(1024)) + packer.flush()
+    assert len(bomb) < 2 << 20
+    head = HEAD.replace(b"transfer-encoding", b"content-encoding: gzip\r\ntransfer-encoding")
+    async with trio.open_nursery() as nursery:
+        port = await provider(nursery, [(0.0, bomb[i:i + 65536]) for i in range(0, len(bomb), 65536)],
+                              b"application/json", head=head)
+        up, adapter = upstream(port, max_response_bytes=4 << 20)
+        tracemalloc.start()
+        try:
+            with pytest.raises(Exception) as info:
+                await up.request(adapter, wire(adapter, False))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert info.value.status == 502 and "max_response_bytes" in info.value.message
+        assert peak < 16 << 20  # the 4 MiB cap, its copy while growing, the socket's reads
         nursery.cancel_scope.cancel()

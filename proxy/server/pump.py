@@ -1,6 +1,6 @@
 """The stream pump: one streaming response, upstream reader -> bounded channel -> client writer.
 
-    provider ──> [reader task: produce()] ──memory channel (stream_buffer items)──> [writer] ──ASGI send──> client
+    provider ──> [reader: produce(), in the request's task] ──memory channel (stream_buffer items)──> [writer task] ──ASGI send──> client
                                                        [watchdog task: disconnect, write deadline, keep-alive]
 
 Rules:
@@ -135,9 +135,10 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch, nursery.cancel_scope, send_channel)
-                nursery.start_soon(self._read, produce, send_channel)
-                await self._write(receive_channel)
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(self._write_all, receive_channel, nursery.cancel_scope)
+                # The reader runs in the request's own task: the upstream request goes out now,
+                # not one scheduler round later (under load, a round is every other stream's turn).
+                await self._read(produce, send_channel)
         except* ClientStalled:
             self.state = StreamState.STALLED
             self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
@@ -193,6 +194,10 @@ class Relay:
             await channel.send(Finish(self._abort))  # None: a clean end
 
     # -- writer --
+
+    async def _write_all(self, channel: trio.MemoryReceiveChannel, relay: trio.CancelScope) -> None:
+        await self._write(channel)
+        relay.cancel()  # written to the end: the watchdog (and a reader still closing) can stop
 
     async def _write(self, channel: trio.MemoryReceiveChannel) -> None:
         async with channel:

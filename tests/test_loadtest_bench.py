@@ -55,6 +55,12 @@ def test_charts_are_written(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_run_of_held_streams_alone_gets_its_one_panel(tmp_path):
+    data = results()
+    data["rows"] = {"b": data["rows"]["b"]}  # no TTFT rows: the memory panel only
+    assert write_charts(data, tmp_path) == [str(tmp_path / "bench.png")]
+
+
 def h(target: str, key: str, idle99: float, p99: float, gap99: float, **more) -> dict:
     return {"target": target, "key": key, "streams": 200, "offered_tokens_per_s": 10000, "probe_rate": 10.0,
             "probes": 120, "window_s": 12.1, "idle_ttft_p50": 102.0, "idle_ttft_p99": idle99,

@@ -305,7 +305,8 @@ def write_charts(results: dict, folder: Path) -> list[str]:
     targets = list(dict.fromkeys(r["target"] for r in a + b))
     colour = {t: f"C{i}" for i, t in enumerate(targets)}  # one colour per target in every panel
     counts = sorted({r["streams"] for r in a})[-2:]  # the two largest stream counts
-    fig, axes = plt.subplots(1, len(counts) + 1, figsize=(6 * (len(counts) + 1), 4.5))
+    fig, axes = plt.subplots(1, len(counts) + 1, figsize=(6 * (len(counts) + 1), 4.5), squeeze=False)
+    axes = axes[0]  # one row; a run of scenario b alone has a single panel
     for ax, n in zip(axes, counts):
         for r in a:
             if r["streams"] == n:

@@ -22,7 +22,7 @@ import orjson
 
 from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
-from proxy.core.errors import GatewayError
+from proxy.core.errors import GatewayError, UpstreamError
 from proxy.core.events import Chunk
 
 
@@ -95,6 +95,17 @@ def canonical_chunk(id_: str, created: int, model: Any, delta: dict[str, Any] | 
         body["usage"] = usage
     visible = delta is None or bool(finish or delta.get("content") or delta.get("tool_calls"))
     return Chunk(orjson.dumps(body), visible, usage)
+
+
+def json_answer(provider: str, body: bytes, key: str, kind: type, missing: str) -> dict[str, Any]:
+    """A provider's plain JSON answer, which must be an object whose `key` is a `kind`."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"provider {provider} returned a response that is not JSON") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get(key), kind):
+        raise UpstreamError(f"provider {provider} returned {missing}")
+    return answer
 
 
 def redact(error: GatewayError, secret: str | None) -> GatewayError:

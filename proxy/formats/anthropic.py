@@ -36,7 +36,7 @@ from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.sse import SSEDecoder, SSEError
 from proxy.core.events import Chunk
-from proxy.formats import ANTHROPIC_MESSAGE, WireRequest, canonical_chunk, redact
+from proxy.formats import ANTHROPIC_MESSAGE, WireRequest, canonical_chunk, json_answer, redact
 from proxy.core.usage import usage
 
 DEFAULT_VERSION = "2023-06-01"
@@ -77,12 +77,7 @@ class AnthropicAdapter:
         return AnthropicStreamParser(self.name, max_event_bytes, raw=raw)
 
     def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]:
-        try:
-            message = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-            raise UpstreamError(f"provider {self.name} returned a message without content")
+        message = json_answer(self.name, body, "content", list, "a message without content")
         completion = to_completion(message)
         if request is not None and request.anthropic_body is not None:
             completion[ANTHROPIC_MESSAGE] = message

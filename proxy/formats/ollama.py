@@ -24,7 +24,7 @@ from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.events import Chunk
-from proxy.formats import WireRequest, canonical_chunk, redact
+from proxy.formats import WireRequest, canonical_chunk, json_answer, redact
 from proxy.core.usage import usage
 
 
@@ -45,12 +45,7 @@ class OllamaAdapter:
         return OllamaStreamParser(self.name, max_event_bytes)
 
     def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]:
-        try:
-            reply = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(reply, dict) or not isinstance(reply.get("message"), dict):
-            raise UpstreamError(f"provider {self.name} returned a response without a message")
+        reply = json_answer(self.name, body, "message", dict, "a response without a message")
         message = reply["message"]
         calls = [_call(i, c) for i, c in enumerate(message.get("tool_calls") or ())]
         out: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ("" if not calls else None)}
@@ -85,12 +80,7 @@ class OllamaAdapter:
         return WireRequest("POST", self._embed_url, self._headers, orjson.dumps(out))
 
     def parse_embeddings(self, body: bytes) -> dict[str, Any]:
-        try:
-            reply = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(reply, dict) or not isinstance(reply.get("embeddings"), list):
-            raise UpstreamError(f"provider {self.name} returned no embeddings")
+        reply = json_answer(self.name, body, "embeddings", list, "no embeddings")
         prompt = reply.get("prompt_eval_count") or 0
         return {"object": "list", "model": reply.get("model"),
                 "data": [{"object": "embedding", "index": i, "embedding": e}

@@ -23,7 +23,7 @@ from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.events import Chunk
 from proxy.core.sse import SSEDecoder, SSEError
-from proxy.formats import WireRequest, redact
+from proxy.formats import WireRequest, json_answer, redact
 
 
 class OpenAIAdapter:
@@ -52,7 +52,7 @@ class OpenAIAdapter:
         return OpenAIStreamParser(self.name, max_event_bytes)
 
     def parse_completion(self, body: bytes, request: ChatRequest | None = None) -> dict[str, Any]:
-        return self._object_with_list(body, "choices", "a response without choices")
+        return json_answer(self.name, body, "choices", list, "a response without choices")
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         return redact(self._parse_error(status, headers, body), self._key)
@@ -64,17 +64,7 @@ class OpenAIAdapter:
         return WireRequest("POST", self._embeddings_url, self._headers, orjson.dumps(dict(body, model=model)))
 
     def parse_embeddings(self, body: bytes) -> dict[str, Any]:
-        return self._object_with_list(body, "data", "embeddings without data")
-
-    def _object_with_list(self, body: bytes, key: str, missing: str) -> dict[str, Any]:
-        """The provider's JSON answer, which must be an object whose `key` is a list."""
-        try:
-            result = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"provider {self.name} returned a response that is not JSON") from None
-        if not isinstance(result, dict) or not isinstance(result.get(key), list):
-            raise UpstreamError(f"provider {self.name} returned {missing}")
-        return result
+        return json_answer(self.name, body, "data", list, "embeddings without data")
 
 
 def error_from_body(provider: str, status: int, retry_after: str | None, body: bytes) -> GatewayError:

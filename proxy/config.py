@@ -40,6 +40,15 @@ class ServerConfig:
     drain_timeout: float = 30.0
     # Processes sharing the listening socket (each a trio loop); 1 = no fork.
     workers: int = 1
+    # A request head must be complete this long after the connection opened (or after the first
+    # byte of a next request on a keep-alive connection); then 408 and close.
+    header_timeout: float = 10.0
+    # A request body may take body_timeout + 1 s per min_body_rate bytes received; slower is cut.
+    body_timeout: float = 10.0
+    min_body_rate: int = 16384
+    # Open client connections per worker; one more gets 503 at once. Lowered at start to what the
+    # open-file limit allows ((limit - 100) / 2: a stream holds a client and an upstream socket).
+    max_connections: int = 10000
     certfile: str | None = None
     keyfile: str | None = None
 
@@ -119,6 +128,30 @@ class RouterConfig:
     breaker_min_requests: int = 20
 
 
+# -- the per-request policies' sections (proxy/server/exchange.py); each parsed by its own function --
+
+@dataclass(frozen=True, kw_only=True)
+class StateConfig:
+    """[state]: where keys, spend and limits live (SQLite file embedded; Redis for several instances)."""
+    backend: str = "sqlite"
+    path: str = "gateway.db"
+    url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus /metrics endpoint."""
+    enabled: bool = True
+    require_key: bool = False
+    per_key: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """[cache]: the response cache."""
+    enabled: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -126,6 +159,9 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     models: tuple[ModelRoute, ...] = ()
+    state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def route(self, model: str) -> ModelRoute | None:
         """Exact names win over globs; otherwise the first matching glob in file order."""
@@ -238,6 +274,10 @@ _SERVER_SPEC: dict[str, Callable[[str, Any], Any]] = {
     "max_event_bytes": lambda k, v: _number(k, v, minimum=1024, integer=True),
     "drain_timeout": lambda k, v: _number(k, v, minimum=0),
     "workers": lambda k, v: _number(k, v, minimum=1, integer=True),
+    "header_timeout": _positive,
+    "body_timeout": _positive,
+    "min_body_rate": lambda k, v: _number(k, v, minimum=1, integer=True),
+    "max_connections": _count,
     "certfile": _path,
     "keyfile": _path,
 }
@@ -364,8 +404,37 @@ def _check_references(models: tuple[ModelRoute, ...], config: "Config") -> None:
                                   "a name used by no other provider/model pair")
 
 
+# -- [state] (keys, spend, limits) --
+
+def _state(raw: Any) -> StateConfig:
+    return StateConfig(**_fields(_table(raw, "state"), "state", {
+        "backend": lambda k, v: _string(k, v, check=lambda s: s in ("sqlite", "redis"),
+                                        expected='"sqlite" or "redis"'),
+        "path": lambda k, v: _string(k, v),
+        "url": lambda k, v: _string(k, v, check=lambda s: s.startswith(("redis://", "rediss://", "unix://")),
+                                    expected="a redis:// URL"),
+    }))
+
+
+# -- [metrics] --
+
+def _metrics(raw: Any) -> MetricsConfig:
+    return MetricsConfig(**_fields(_table(raw, "metrics"), "metrics",
+                                   {"enabled": _bool, "require_key": _bool, "per_key": _bool}))
+
+
+# -- [cache] --
+
+def _cache(raw: Any) -> CacheConfig:
+    return CacheConfig(**_fields(_table(raw, "cache"), "cache", {"enabled": _bool}))
+
+
+# Top-level tables and their parsers, beyond the core ones parsed in parse_config.
+_SECTIONS: dict[str, Callable[[Any], Any]] = {"state": _state, "metrics": _metrics, "cache": _cache}
+
+
 def parse_config(raw: dict[str, Any]) -> Config:
-    _known(raw, "", {"server", "auth", "router", "providers", "models"})
+    _known(raw, "", {"server", "auth", "router", "providers", "models", *_SECTIONS})
     server = ServerConfig(**_fields(_table(raw.get("server", {}), "server"), "server", _SERVER_SPEC))
     if (server.certfile is None) != (server.keyfile is None):
         raise ConfigError("server.certfile", server.certfile, "certfile and keyfile set together")
@@ -378,7 +447,8 @@ def parse_config(raw: dict[str, Any]) -> Config:
     if not models:
         raise ConfigError("models", {}, "at least one [models.NAME] table")
     router = RouterConfig(**_fields(_table(raw.get("router", {}), "router"), "router", _ROUTER_SPEC))
-    config = Config(server=server, auth=auth, router=router, providers=providers, models=models)
+    sections = {name: parse(raw[name]) for name, parse in _SECTIONS.items() if name in raw}
+    config = Config(server=server, auth=auth, router=router, providers=providers, models=models, **sections)
     _check_references(models, config)
     return config
 

@@ -255,4 +255,5 @@ async def test_missing_key_names_both_ways_to_send_it(kgw):
     assert response.status_code == 401
     assert response.json() == {"type": "error", "error": {
         "type": "authentication_error",
-        "message": "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."}}
+        "message": "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."},
+        "request_id": response.headers["x-request-id"]}  # as Anthropic's own error bodies carry it

@@ -19,7 +19,7 @@ switch — a failure ends the stream with an error event, as the relay does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
@@ -46,6 +46,9 @@ class Served:
     attempts: int = 0
     fallback: bool = False
     committed: bool = False       # the first token went to the client: no more failover
+    # Every attempt as (deployment, outcome): "ok", the error's code or type, or "cancelled".
+    # Read after the request (metrics); the failover loop itself never looks at it.
+    tried: list[tuple[str, str]] = field(default_factory=list)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-gateway-deployment", self.deployment.encode()),
@@ -210,12 +213,14 @@ class Failover:
         try:
             result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
             outcome = True
+            served.tried.append((state.name, "ok"))
             state.successes += 1
             if track:
                 state.breaker.success(trio.current_time())
             return result
         except GatewayError as error:
             outcome = True
+            served.tried.append((state.name, error.code or error.type))
             state.failures += 1
             state.last_error = f"{error.code or error.type}: {error.message}"[:300]
             action = classify(error)
@@ -226,6 +231,8 @@ class Failover:
                 state.breaker.release()
             raise
         finally:
-            if not outcome and track:
-                state.breaker.release()  # cancelled (client left): no verdict on the deployment
+            if not outcome:
+                served.tried.append((state.name, "cancelled"))
+                if track:
+                    state.breaker.release()  # cancelled (client left): no verdict on the deployment
             router.release(state)

@@ -30,12 +30,13 @@ from proxy.routing.failover import Failover
 from proxy.routing.router import Router
 from proxy.server.asgi import ClientGone, Receive, Send, read_body, send_json
 from proxy.server.endpoints import ChatEndpoint, EmbeddingsEndpoint
+from proxy.server.exchange import MASTER, OPEN, Exchange, Policies, Principal, request_id, request_id_var
 from proxy.server.streams import Streams
 from proxy.transport.upstream import Upstream
 
 log = logging.getLogger("proxy.server.app")
 
-Handler = Callable[[bytes, dict[bytes, bytes], Receive, Send], Awaitable[None]]
+Handler = Callable[[Exchange, bytes, dict[bytes, bytes], Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +63,18 @@ class Gateway:
         self._active = 0
         self._idle = trio.Event()
         self._idle.set()
+        # Per-request policies (keys, limits, cache, metrics ...): beside routing, see exchange.py.
+        self.policies = Policies()
         failover = Failover(self.router, self.upstream, self.adapters, config.server.max_event_bytes)
-        chat, messages = ChatEndpoint(ChatAPI(), failover, self.streams), \
-            ChatEndpoint(MessagesAPI(), failover, self.streams)
+        chat, messages = ChatEndpoint(ChatAPI(), failover, self.streams, self.policies), \
+            ChatEndpoint(MessagesAPI(), failover, self.streams, self.policies)
         self._routes: dict[str, Route] = {
             "/healthz": Route({"GET": self._healthz}, auth="none", body=False),
             "/v1/models": Route({"GET": self._models}, body=False),
             "/v1/chat/completions": Route({"POST": chat}),
             "/v1/messages": Route({"POST": messages}, api_key_header=messages.api.api_key_header,
                                   error_body=messages.api.error_body),
-            "/v1/embeddings": Route({"POST": EmbeddingsEndpoint(failover)}),
+            "/v1/embeddings": Route({"POST": EmbeddingsEndpoint(failover, self.policies)}),
             "/admin/routing": Route({"GET": self._admin_routing}, auth="admin", body=False),
             "/admin/bypass": Route({"POST": self._admin_bypass}, auth="admin"),
         }
@@ -93,6 +96,10 @@ class Gateway:
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         route = self._routes.get(scope["path"])
+        headers = dict(scope["headers"])
+        rid = request_id(headers.get(b"x-request-id"))
+        request_id_var.set(rid)
+        x = Exchange(rid, scope["path"], OPEN, started, response_headers=[(b"x-request-id", rid.encode())])
         try:
             if route is None:
                 raise NotFound(f"Unknown path: {scope['path']}")
@@ -101,26 +108,31 @@ class Gateway:
                 allow = ", ".join(route.methods)
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']} (use {allow})",
                                        allow=allow)
-            headers = dict(scope["headers"])
             if route.auth == "admin" and self._master_key is None:
                 raise Forbidden("admin endpoints need a master key: set the variable named by "
                                 "[auth] master_key_env")
             if route.auth != "none":
-                self._authenticate(headers, route.api_key_header)
+                x.principal = self._authenticate(headers, route.api_key_header)
             body = await read_body(headers, receive, self.config.server.max_body_bytes) if route.body else b""
-            await handler(body, headers, receive, send)
+            await handler(x, body, headers, receive, send)
         except ClientGone:
+            x.outcome = "client_disconnected"
             log.info("%s %s client disconnected before the response", scope["method"], scope["path"])
         except GatewayError as error:
+            x.status, x.error, x.outcome = error.status, error, "error"
             level = logging.WARNING if error.status >= 500 else logging.INFO
             log.log(level, "%s %s -> %d %s: %s (%.1f ms)", scope["method"], scope["path"], error.status,
                     error.code or error.type, error.message, (time.perf_counter() - started) * 1000)
             render = route.error_body if route is not None else GatewayError.to_body
-            await send_json(send, error.status, render(error), error.headers())
+            body = render(error)
+            body["request_id"] = rid  # the id to quote in a bug report, also in the headers
+            await send_json(send, error.status, body, x.response_headers + error.headers())
+        finally:
+            self.policies.settle(x)
 
-    def _authenticate(self, headers: Mapping[bytes, bytes], api_key_header: bytes | None) -> None:
+    def _authenticate(self, headers: Mapping[bytes, bytes], api_key_header: bytes | None) -> Principal:
         if self._master_key is None:
-            return
+            return OPEN
         given = headers.get(b"authorization", b"")
         api_key = headers.get(api_key_header, b"") if api_key_header else b""
         scheme, _, token = given.partition(b" ")
@@ -131,12 +143,13 @@ class Gateway:
             raise AuthenticationFailed(f"Missing API key: send 'Authorization: Bearer <key>'{also}.")
         if not hmac.compare_digest(token.strip(), self._master_key.encode()):
             raise AuthenticationFailed("Incorrect API key provided.")
+        return MASTER
 
-    async def _admin_routing(self, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
+    async def _admin_routing(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
                              send: Send) -> None:
-        await send_json(send, 200, self.router.snapshot(trio.current_time()))
+        await send_json(send, 200, self.router.snapshot(trio.current_time()), x.response_headers)
 
-    async def _admin_bypass(self, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
+    async def _admin_bypass(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
                             send: Send) -> None:
         """POST {"enabled": true|false}: the run-time BYPASS_ROUTER switch."""
         try:
@@ -147,18 +160,20 @@ class Gateway:
             raise InvalidRequest('expected a JSON body {"enabled": true|false}', param="enabled")
         self.router.bypass = enabled
         log.warning("router bypass %s via /admin/bypass", "ON" if enabled else "off")
-        await send_json(send, 200, {"bypass": enabled})
+        await send_json(send, 200, {"bypass": enabled}, x.response_headers)
 
-    async def _healthz(self, body: bytes, headers: Mapping[bytes, bytes], receive: Receive, send: Send) -> None:
+    async def _healthz(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
+                       send: Send) -> None:
         if self.draining:
-            await send_json(send, 503, {"status": "draining"})
+            await send_json(send, 503, {"status": "draining"}, x.response_headers)
         else:
-            await send_json(send, 200, {"status": "ok", "open_streams": len(self.streams)})
+            await send_json(send, 200, {"status": "ok", "open_streams": len(self.streams)}, x.response_headers)
 
-    async def _models(self, body: bytes, headers: Mapping[bytes, bytes], receive: Receive, send: Send) -> None:
+    async def _models(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
+                      send: Send) -> None:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
                 for name in self.router.model_names()]
-        await send_json(send, 200, {"object": "list", "data": data})
+        await send_json(send, 200, {"object": "list", "data": data}, x.response_headers)
 
     # -- drain: the server asks us to stop (proxy/server/serve.py) --
 

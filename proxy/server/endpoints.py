@@ -3,9 +3,11 @@
 One chat endpoint serves both /v1/chat/completions and /v1/messages: the client format
 (`proxy.formats.chat_api.ChatAPI`, `proxy.formats.messages_api.MessagesAPI`) parses the request
 and renders the stream, the answer and the errors; everything between is the same — the model is
-checked (404 before any work), `Failover` routes and calls the provider, and a stream goes through
-`Streams` (the pump: backpressure, write deadline, disconnects) while a plain answer is raced
-against the client's disconnect. Each request ends with one log line.
+checked (404 before any work), the per-request policies admit it (keys, limits, cache, tiers:
+see exchange.py), `Failover` routes and calls the provider — or a policy's answer (a cache entry)
+stands in for it — and a stream goes through `Streams` (the pump: backpressure, write deadline,
+disconnects) while a plain answer is raced against the client's disconnect. Each request ends
+with the policies' settlement and one log line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from proxy.core.request import ChatRequest, parse_embeddings_request
 from proxy.core.usage import Usage
 from proxy.routing.failover import Failover, Served
 from proxy.server.asgi import ClientGone, Receive, Send, send_json, until_disconnect
+from proxy.server.exchange import Exchange, Policies
 from proxy.server.pump import Relay, put
 from proxy.server.streams import Streams
 
@@ -48,76 +51,131 @@ class ClientFormat(Protocol):
 
 
 class ChatEndpoint:
-    def __init__(self, api: ClientFormat, failover: Failover, streams: Streams):
+    def __init__(self, api: ClientFormat, failover: Failover, streams: Streams, policies: Policies):
         self.api = api
         self._failover = failover
         self._streams = streams
+        self._policies = policies
         self._log = logging.getLogger(f"proxy.server.{api.name}")
 
-    async def __call__(self, body: bytes, headers: dict[bytes, bytes], receive: Receive, send: Send) -> None:
+    async def __call__(self, x: Exchange, body: bytes, headers: dict[bytes, bytes], receive: Receive,
+                       send: Send) -> None:
+        x.endpoint = self.api.name
         request = self.api.parse(body, headers)
-        self._failover.router.check_model(request.model)  # 404 before any work
+        x.model, x.stream = request.model, request.stream
         requested = headers.get(b"x-gateway-deployment")
-        served = Served(requested=requested.decode("latin-1") if requested is not None else None)
-        usage = Usage()
-        started = time.perf_counter()
+        x.served = served = Served(requested=requested.decode("latin-1") if requested is not None else None)
+        x.usage = usage = Usage()
+        await self._policies.admit(x, request)  # may rewrite request.model (a tier), or answer
+        if x.answer is None:
+            self._failover.router.check_model(request.model)  # 404 before any work
         if request.stream:
-            await self._stream(request, served, usage, receive, send, started)
+            await self._stream(x, request, receive, send)
             return
         try:
-            completion = await until_disconnect(receive, lambda: self._failover.complete(request, served))
+            completion = await until_disconnect(receive, lambda: self._complete(x, request))
         except ClientGone:
-            self._done(request, served, "client_disconnected", usage, started)
+            self._done(x, request, "client_disconnected")
             raise
+        x.completion = completion
         usage.update(completion.get("usage"))
-        await send_json(send, 200, self.api.completion(completion, request), served.headers())
-        self._done(request, served, "ok", usage, started)
+        await send_json(send, 200, self.api.completion(completion, request), self._headers(x))
+        self._done(x, request, "ok")
 
-    async def _stream(self, request: ChatRequest, served: Served, usage: Usage, receive: Receive,
-                      send: Send, started: float) -> None:
-        encoder = self.api.stream_encoder(request, usage)
+    async def _complete(self, x: Exchange, request: ChatRequest) -> dict[str, Any]:
+        if x.answer is not None:
+            return x.answer.completion()
+        try:
+            return await self._failover.complete(request, x.served)
+        except GatewayError:
+            if x.stale is None:
+                raise
+            x.cache, x.answer = "stale", x.stale  # every provider failed: the expired entry serves
+            return x.stale.completion()
+
+    async def _stream(self, x: Exchange, request: ChatRequest, receive: Receive, send: Send) -> None:
+        encoder = self.api.stream_encoder(request, x.usage)
+        taps = x.taps
 
         async def produce(channel: trio.MemorySendChannel) -> None:
             async def emit(chunks: list[Chunk]) -> None:
                 # One channel item per upstream read: the events of one read travel together.
+                if x.first_token_at is None and any(chunk.visible for chunk in chunks):
+                    x.first_token_at = time.perf_counter()
+                for tap in taps:
+                    tap(chunks)
                 if out := encoder.encode(chunks):
                     await put(channel, out)
 
-            await self._failover.stream(request, emit, served)
+            if x.answer is not None:
+                await x.answer.stream(emit)
+            else:
+                try:
+                    await self._failover.stream(request, emit, x.served)
+                except GatewayError:
+                    if x.stale is None or x.served.committed:
+                        raise
+                    x.cache, x.answer = "stale", x.stale  # nothing was sent yet: the expired entry serves
+                    await x.stale.stream(emit)
             if out := encoder.finish():
                 await put(channel, out)
 
         def done(relay: Relay) -> None:
-            self._done(request, served, relay.outcome, usage, started, relay.bytes_written)
+            self._done(x, request, relay.outcome, relay.bytes_written)
 
-        await self._streams.relay(send, receive, produce, headers=served.headers, done=done,
+        await self._streams.relay(send, receive, produce, headers=lambda: self._headers(x), done=done,
                                   error_event=self.api.error_event)
 
-    def _done(self, request: ChatRequest, served: Served, outcome: str, usage: Usage,
-              started: float, bytes_out: int | None = None) -> None:
+    @staticmethod
+    def _headers(x: Exchange) -> list[tuple[bytes, bytes]]:
+        """Evaluated when the response starts: routing (and a stale answer) may still be deciding."""
+        out = x.response_headers + x.served.headers() if x.answer is None else list(x.response_headers)
+        if x.cache is not None:
+            out.append((b"x-gateway-cache", x.cache.encode()))
+        return out
+
+    def _done(self, x: Exchange, request: ChatRequest, outcome: str, bytes_out: int | None = None) -> None:
+        x.outcome = outcome
+        self._policies.settle(x)
+        served, usage = x.served, x.usage
         self._log.info("%s model=%s deployment=%s/%s attempts=%d stream=%s outcome=%s %s "
                        "bytes_out=%s ms=%.1f", self.api.name, request.model, served.provider, served.model,
                        served.attempts, request.stream, outcome, usage.log_fields(),
-                       bytes_out if bytes_out is not None else "-", (time.perf_counter() - started) * 1000)
+                       bytes_out if bytes_out is not None else "-", (time.perf_counter() - x.started) * 1000)
 
 
 class EmbeddingsEndpoint:
     """POST /v1/embeddings: OpenAI's embeddings API, to OpenAI-compatible and Ollama deployments;
     an Anthropic deployment has none (400 naming the provider). Same retry/failover loop as chat."""
 
-    def __init__(self, failover: Failover):
+    def __init__(self, failover: Failover, policies: Policies):
         self._failover = failover
+        self._policies = policies
         self._log = logging.getLogger("proxy.server.embeddings")
 
-    async def __call__(self, body: bytes, headers: Mapping[bytes, bytes], receive: Receive, send: Send) -> None:
+    async def __call__(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
+                       send: Send) -> None:
+        x.endpoint = "embeddings"
         request = parse_embeddings_request(body)
-        started = time.perf_counter()
-        self._failover.router.check_model(request["model"])  # 404 before any work
-        served = Served()
-        result = await until_disconnect(receive, lambda: self._failover.embeddings(request, served))
-        result["model"] = request["model"]
-        await send_json(send, 200, result, served.headers())
+        x.model = request["model"]
+        x.served = served = Served()
+        x.usage = Usage()
+        await self._policies.admit(x, request)
+        if x.answer is not None:
+            result = x.answer.completion()
+        else:
+            self._failover.router.check_model(request["model"])  # 404 before any work
+            result = await until_disconnect(receive, lambda: self._failover.embeddings(request, served))
+        result["model"] = x.model
+        x.completion = result
+        x.usage.update(result.get("usage"))
+        x.outcome = "ok"
+        headers_out = list(x.response_headers) if x.answer is not None else x.response_headers + served.headers()
+        if x.cache is not None:
+            headers_out.append((b"x-gateway-cache", x.cache.encode()))
+        await send_json(send, 200, result, headers_out)
+        self._policies.settle(x)
         self._log.info("embeddings model=%s deployment=%s/%s inputs=%d prompt_tokens=%s ms=%.1f",
-                       request["model"], served.provider, served.model, len(result.get("data") or ()),
+                       x.model, served.provider, served.model, len(result.get("data") or ()),
                        (result.get("usage") or {}).get("prompt_tokens", "-"),
-                       (time.perf_counter() - started) * 1000)
+                       (time.perf_counter() - x.started) * 1000)

@@ -59,3 +59,42 @@ async def test_settle_runs_once_for_served_refused_answered_and_unknown(gw, http
         ("/v1/chat/completions", "answered", 200, "ok"),
         ("/nope", "-", 404, "error"),
     ]
+
+
+async def test_policies_run_in_their_declared_order_whatever_order_they_were_added(gw, http):
+    from proxy.server.exchange import Policies
+
+    seen: list[str] = []
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+        async def admit(self, x, request):
+            seen.append(self.name)
+
+        def settle(self, x):
+            seen.append("settle " + self.name)
+
+    policies = gw.gateway.policies
+    policies.add(Named("metrics"), Policies.METRICS)
+    policies.add(Named("keys"), Policies.KEYS)
+    policies.add(Named("tiers"), Policies.TIERS)
+    assert (await http.post(gw.url + "/v1/chat/completions", json=chat_body("hi"))).status_code == 200
+    with trio.fail_after(5):
+        while len(seen) < 6:
+            await trio.sleep(0.01)
+    assert seen == ["tiers", "keys", "metrics", "settle tiers", "settle keys", "settle metrics"]
+
+
+async def test_a_prefix_route_serves_the_paths_below_it(gw, http):
+    from proxy.server.app import Route
+    from proxy.server.asgi import send_json
+
+    async def echo(x, body, headers, receive, send):
+        await send_json(send, 200, {"path": x.path}, x.response_headers)
+
+    gw.gateway.add_route("/admin/things/", Route({"GET": echo}, auth="admin", body=False))
+    response = await http.get(gw.url + "/admin/things/abc")
+    assert response.json() == {"path": "/admin/things/abc"}
+    assert (await http.get(gw.url + "/admin/thing")).status_code == 404

@@ -78,6 +78,24 @@ class Gateway:
             "/admin/routing": Route({"GET": self._admin_routing}, auth="admin", body=False),
             "/admin/bypass": Route({"POST": self._admin_bypass}, auth="admin"),
         }
+        self._prefixes: list[str] = []
+
+    def add_route(self, path: str, route: Route) -> None:
+        """Register an endpoint; a path ending in "/" also serves everything below it
+        (e.g. "/admin/keys/" for /admin/keys/{id}: the handler reads scope's path from x.path)."""
+        if path in self._routes:
+            raise ValueError(f"route {path} is already registered")
+        self._routes[path] = route
+        if path.endswith("/"):
+            self._prefixes = sorted([p for p in self._routes if p.endswith("/")], key=len, reverse=True)
+
+    def _route(self, path: str) -> Route | None:
+        route = self._routes.get(path)
+        if route is None and self._prefixes:
+            for prefix in self._prefixes:
+                if path.startswith(prefix):
+                    return self._routes[prefix]
+        return route
 
     @property
     def auth_enabled(self) -> bool:
@@ -95,7 +113,7 @@ class Gateway:
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        route = self._routes.get(scope["path"])
+        route = self._route(scope["path"])
         headers = dict(scope["headers"])
         rid = request_id(headers.get(b"x-request-id"))
         request_id_var.set(rid)

@@ -111,11 +111,19 @@ class Policy(Protocol):
 class Policies:
     """The gateway's policies, in order; empty = nothing per request beyond routing."""
 
-    def __init__(self, policies: list[Policy] | None = None):
-        self.list: list[Policy] = list(policies or ())
+    # The order: cost tiers rewrite the model first, keys then check, limit and reserve on the
+    # routed model, the cache answers before any provider, metrics observe everything last.
+    TIERS, KEYS, CACHE, METRICS = 10, 20, 30, 90
 
-    def add(self, policy: Policy) -> None:
-        self.list.append(policy)
+    def __init__(self) -> None:
+        self.list: list[Policy] = []
+        self._order: list[tuple[int, int]] = []
+
+    def add(self, policy: Policy, order: int = 50) -> None:
+        self._order.append((order, len(self._order)))
+        ranked = sorted(zip(self._order, self.list + [policy]), key=lambda pair: pair[0])
+        self._order = [rank for rank, _ in ranked]
+        self.list = [p for _, p in ranked]
 
     async def admit(self, x: Exchange, request: Any) -> None:
         for policy in self.list:

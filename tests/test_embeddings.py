@@ -49,7 +49,7 @@ async def test_anthropic_deployment_has_no_embeddings(kgw, http):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": "via-openai"}, "input"), ({"model": "via-openai", "input": []}, "input"),
-    ({"model": "via-openai", "input": [1, "a"]}, "input"), ({"input": "x"}, "model"),
+    ({"model": "via-openai", "input": [1, "a"]}, "input[1]"), ({"input": "x"}, "model"),
     ({"model": "via-openai", "input": "x", "dimensions": 0}, "dimensions"),
     ({"model": "via-openai", "input": "x", "encoding_format": "int8"}, "encoding_format"),
 ])

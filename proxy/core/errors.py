@@ -19,6 +19,8 @@ exactly like a 503.
     ├── InvalidRequest                400 invalid_request_error
     ├── AuthenticationFailed          401 invalid_api_key
     ├── Forbidden                     403 forbidden
+    │   ├── ModelNotAllowed           403 model_not_allowed (not in the virtual key's models)
+    │   └── AdminOnly                 403 admin_only (a virtual key on /admin/*)
     ├── NotFound                      404 not_found
     │   └── ModelNotFound             404 model_not_found
     ├── MethodNotAllowed              405
@@ -31,8 +33,15 @@ exactly like a 503.
     │       └── FirstTokenTimeout     no first token within ttft_timeout (the router fails over)
     ├── Saturated                     429 gateway_saturated (a deployment's max_concurrency stayed full)
     ├── NoHealthyDeployment           503 no_healthy_deployment (or 429 when only rate-limit cooling)
+    ├── RateLimitExceeded             429 rate_limit_exceeded (a key's rpm/tpm/max_parallel), Retry-After
+    ├── BudgetExceeded                429 budget_exceeded (kill_at reached or no room to reserve), Retry-After
+    ├── StoreUnavailable              503 store_unavailable (keys/spend store down: fail closed)
     ├── ClientStalled                 (a write to the client stayed pending past write_timeout)
     └── ShuttingDown                  503 (the drain timeout ended the stream)
+
+Echoed input is bounded: a value a client or provider sent that a message repeats goes through
+`clip` (MAX_ECHO characters), and every message, param, type and code is cut at MAX_MESSAGE
+whatever built it, so no error body or log line grows with what was sent (a 1 MB model name).
 """
 
 from __future__ import annotations
@@ -49,17 +58,35 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
                          529: "overloaded_error"}
 
 
+MAX_ECHO = 200  # characters of an echoed value (a model name, a path, a header)
+MAX_MESSAGE = 1000  # characters of any error message, param, type or code
+
+
+def clip(value: object, limit: int = MAX_ECHO) -> str:
+    """`value` as text of at most about `limit` characters, marked where it was cut."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[{len(text) - limit} more characters]"
+
+
+def retry_after_header(seconds: float) -> list[tuple[bytes, bytes]]:
+    """Retry-After in whole seconds, at least 1 (0 would invite an immediate retry storm)."""
+    return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
+
+
 class GatewayError(Exception):
     status = 500
     type = "api_error"
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else clip(param, MAX_ECHO)
         if code is not None:
-            self.code = code
+            self.code = clip(code, MAX_ECHO)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Extra response headers this error carries (e.g. Retry-After)."""
@@ -153,7 +180,7 @@ class UpstreamStatusError(UpstreamError):
         self.status = status if status < 500 else 502
         self.upstream_status = status
         if type:
-            self.type = type
+            self.type = clip(type)
 
     @property
     def anthropic_type(self) -> str:
@@ -224,10 +251,54 @@ class NoHealthyDeployment(GatewayError):
             self.status, self.type, self.code = 429, "rate_limit_error", "rate_limit_exceeded"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        if self.retry_after is None:
-            return []
-        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
+        return [] if self.retry_after is None else retry_after_header(self.retry_after)
 
 
 class FirstTokenTimeout(UpstreamTimeout):
     code = "first_token_timeout"
+
+
+# -- virtual keys, limits and budgets (proxy/keys) --
+
+class ModelNotAllowed(Forbidden):
+    """The virtual key's `models` list does not cover the model asked for."""
+
+    code = "model_not_allowed"
+
+
+class AdminOnly(Forbidden):
+    """A client (virtual) key on an /admin/* endpoint: only the master key administers."""
+
+    code = "admin_only"
+
+
+class _RetryAfter(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return retry_after_header(self.retry_after)
+
+
+class RateLimitExceeded(_RetryAfter):
+    """A key's rpm, tpm or max_parallel would be passed by this request."""
+
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(_RetryAfter):
+    """A key's, team's or the global budget reached kill_at, or cannot hold this request's reservation."""
+
+    code = "budget_exceeded"
+
+
+class StoreUnavailable(GatewayError):
+    """The key/spend store cannot be reached (fail closed: nothing is served unaccounted)."""
+
+    status = 503
+    type = "api_error"
+    code = "store_unavailable"

@@ -36,7 +36,7 @@ from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.sse import SSEDecoder, SSEError
 from proxy.core.events import Chunk
-from proxy.formats import ANTHROPIC_MESSAGE, WireRequest, canonical_chunk, json_answer, redact
+from proxy.formats import ANTHROPIC_MESSAGE, WireRequest, canonical_chunk, json_answer
 from proxy.core.usage import usage
 
 DEFAULT_VERSION = "2023-06-01"
@@ -52,7 +52,6 @@ EPHEMERAL = {"type": "ephemeral"}
 class AnthropicAdapter:
     def __init__(self, config: ProviderConfig, api_key: str | None):
         self.name = config.name
-        self._key = api_key  # only to redact it from provider error messages
         self._url = config.base_url + "/v1/messages"
         self._max_tokens = config.max_tokens
         self._auto_cache = config.auto_prompt_cache
@@ -84,9 +83,6 @@ class AnthropicAdapter:
         return completion
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
-        return redact(self._parse_error(status, headers, body), self._key)
-
-    def _parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         type_, message = None, None
         try:
             err = orjson.loads(body).get("error")

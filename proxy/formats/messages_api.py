@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from proxy.core import validate
 from proxy.core.request import ChatRequest, load_request_object
 from proxy.core.errors import GatewayError, InvalidRequest
 from proxy.core.usage import Usage
@@ -91,7 +92,7 @@ def _message(i: int, m: Any) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for j, block in enumerate(content):
         where = f"{param}.content[{j}]"
-        _check(isinstance(block, dict) and block.get("type") in BLOCK_TYPES,
+        _check(isinstance(block, dict) and isinstance(block.get("type"), str) and block["type"] in BLOCK_TYPES,
                f"{where}.type must be one of {sorted(BLOCK_TYPES)}", f"{where}.type")
         kind = block["type"]
         if kind == "text":
@@ -100,14 +101,15 @@ def _message(i: int, m: Any) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append(_image(block, where))
         elif kind == "document":
-            source = block.get("source") or {}
-            _check(source.get("type") == "text" and isinstance(source.get("data"), str),
+            source = block.get("source")
+            _check(isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str),
                    f"{where}: only text documents can be sent to a non-Anthropic model", f"{where}.source")
             parts.append({"type": "text", "text": source["data"]})
         elif kind == "tool_use":
             _check(role == "assistant", f"{where}: tool_use blocks belong to assistant turns", where)
             _check(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
                    f"{where} needs an id and a name", where)
+            _check(isinstance(block.get("input", {}), dict), f"{where}.input must be an object", f"{where}.input")
             calls.append({"id": block["id"], "type": "function",
                           "function": {"name": block["name"],
                                        "arguments": orjson.dumps(block.get("input", {})).decode()}})
@@ -116,8 +118,13 @@ def _message(i: int, m: Any) -> list[dict[str, Any]]:
             _check(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id must be a string",
                    f"{where}.tool_use_id")
             raw = block.get("content", "")
+            _check(isinstance(raw, (str, list)), f"{where}.content must be a string or an array of blocks",
+                   f"{where}.content")
             if isinstance(raw, list):  # text blocks join; images in results have no tool-message form
-                raw = "".join(b.get("text", "") for b in raw if isinstance(b, dict) and b.get("type") == "text")
+                for k, b in enumerate(raw):
+                    _check(isinstance(b, dict) and (b.get("type") != "text" or isinstance(b.get("text"), str)),
+                           f"{where}.content[{k}] must be a content block", f"{where}.content[{k}]")
+                raw = "".join(b.get("text", "") for b in raw if b.get("type") == "text")
             text = raw if isinstance(raw, str) else ""
             if block.get("is_error"):
                 text = f"Error: {text}"
@@ -159,7 +166,10 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
     _check(isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none"),
            "tool_choice.type must be one of auto, any, tool, none", "tool_choice")
     kind = choice["type"]
-    parallel = not choice.get("disable_parallel_tool_use", False)
+    disable = choice.get("disable_parallel_tool_use", False)
+    _check(isinstance(disable, bool), "tool_choice.disable_parallel_tool_use must be a boolean",
+           "tool_choice.disable_parallel_tool_use")
+    parallel = not disable
     if kind == "tool":
         _check(isinstance(choice.get("name"), str), "tool_choice.name must be a string", "tool_choice.name")
         return {"type": "function", "function": {"name": choice["name"]}}, parallel
@@ -168,12 +178,12 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
 
 def parse_messages_request(raw: bytes, anthropic_beta: str | None = None) -> ChatRequest:
     body = load_request_object(raw)
+    validate.check_messages(body)
     model = body["model"]
     _check(_positive_int(body.get("max_tokens")), "'max_tokens' must be a positive integer", "max_tokens")
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty array", "messages")
-    stream = body.get("stream", False)
-    _check(isinstance(stream, bool), "'stream' must be a boolean", "stream")
+    stream = body.get("stream") is True
 
     canonical: list[dict[str, Any]] = []
     if body.get("system") is not None:

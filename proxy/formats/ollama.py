@@ -24,14 +24,13 @@ from proxy.core.request import ChatRequest
 from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.events import Chunk
-from proxy.formats import WireRequest, canonical_chunk, json_answer, redact
+from proxy.formats import WireRequest, canonical_chunk, json_answer
 from proxy.core.usage import usage
 
 
 class OllamaAdapter:
     def __init__(self, config: ProviderConfig, api_key: str | None):
         self.name = config.name
-        self._key = api_key  # only to redact it from provider error messages
         self._chat_url = config.base_url + "/api/chat"
         self._embed_url = config.base_url + "/api/embed"
         self._headers = [("content-type", "application/json"), *config.headers]
@@ -57,9 +56,6 @@ class OllamaAdapter:
                 "usage": usage(reply.get("prompt_eval_count") or 0, reply.get("eval_count") or 0)}
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
-        return redact(self._parse_error(status, headers, body), self._key)
-
-    def _parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         try:
             err = orjson.loads(body).get("error")
         except (orjson.JSONDecodeError, AttributeError):

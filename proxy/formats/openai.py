@@ -23,13 +23,12 @@ from proxy.config import ProviderConfig
 from proxy.core.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamStatusError
 from proxy.core.events import Chunk
 from proxy.core.sse import SSEDecoder, SSEError
-from proxy.formats import WireRequest, json_answer, redact
+from proxy.formats import WireRequest, json_answer
 
 
 class OpenAIAdapter:
     def __init__(self, config: ProviderConfig, api_key: str | None):
         self.name = config.name
-        self._key = api_key  # only to redact it from provider error messages
         query = f"?api-version={quote(config.api_version)}" if config.api_version else ""
         self._url = config.base_url + "/chat/completions" + query
         self._embeddings_url = config.base_url + "/embeddings" + query
@@ -55,9 +54,6 @@ class OpenAIAdapter:
         return json_answer(self.name, body, "choices", list, "a response without choices")
 
     def parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
-        return redact(self._parse_error(status, headers, body), self._key)
-
-    def _parse_error(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         return error_from_body(self.name, status, headers.get("retry-after"), body)
 
     def embeddings_request(self, body: dict[str, Any], model: str) -> WireRequest:
@@ -67,13 +63,37 @@ class OpenAIAdapter:
         return json_answer(self.name, body, "data", list, "embeddings without data")
 
 
+# A mid-stream error event's type -> the status it stands for. Compatible servers (vLLM) also put
+# the status in a numeric `code`. A 4xx there is about the request (a prompt too long, a bad
+# parameter): it goes back to the client and never counts against the deployment.
+STREAM_ERROR_STATUS = {"invalid_request_error": 400, "BadRequestError": 400, "authentication_error": 401,
+                       "permission_error": 403, "not_found_error": 404, "rate_limit_error": 429}
+
+
 def error_from_body(provider: str, status: int, retry_after: str | None, body: bytes) -> GatewayError:
     """A provider error status becomes ours; its OpenAI-style message is kept when it has one."""
-    message, type_, code, param = f"provider {provider} returned HTTP {status}", None, None, None
     try:
         err = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         err = None
+    return error_from_object(provider, status, retry_after, err)
+
+
+def stream_error(provider: str, err: Any) -> GatewayError:
+    """An error event in a stream: a 4xx it names is kept as such, anything else is a 502."""
+    if isinstance(err, dict):
+        type_, code = err.get("type"), err.get("code")
+        status = STREAM_ERROR_STATUS.get(type_) if isinstance(type_, str) else None
+        if status is None and type(code) is int and 400 <= code < 500:
+            status = code
+        if status is not None:
+            return error_from_object(provider, status, None, err)
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    return UpstreamError(f"provider {provider}: {message or 'stream error'}")
+
+
+def error_from_object(provider: str, status: int, retry_after: str | None, err: Any) -> GatewayError:
+    message, type_, code, param = f"provider {provider} returned HTTP {status}", None, None, None
     if isinstance(err, dict):
         if isinstance(err.get("message"), str):
             message = f"provider {provider}: {err['message']}"
@@ -176,8 +196,7 @@ class OpenAIStreamParser:
         err = chunk.get("error")
         if err is None:
             return None  # '"error"' appeared inside content: a normal chunk after all
-        message = err.get("message") if isinstance(err, dict) else str(err)
-        return UpstreamError(f"provider {self._provider}: {message or 'stream error'}")
+        return stream_error(self._provider, err)
 
 
 def _visible(data: bytes) -> bool:

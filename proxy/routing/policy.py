@@ -8,8 +8,16 @@ Classification (from PRODUCT.md and the routing issue):
 - UNUSABLE: 401/403 — this deployment cannot serve (revoked or wrong key): open its breaker at
   once, move on, never retry it in this request.
 - CONTEXT: the provider says the prompt is too long: go to `context_window_fallback` if set.
-- FATAL: any other 4xx (invalid request, content filter) goes back to the client at once.
+- FATAL: any other 4xx (invalid request, content filter), and a request an adapter cannot
+  translate, goes back to the client at once.
+- RESAMPLE: the model's tool call does not fit the client's own schema (`tool_arguments =
+  "validate"`): ask again at once (counts against `retries`), but without blame.
 - SKIP: our own admission control found the deployment saturated: try another, no penalty.
+
+Blame: only RETRY, FAILOVER and UNUSABLE count as a deployment's failure (its breaker). Nothing
+that follows from what the client sent does — a provider's 4xx, an error event naming a 4xx, an
+untranslatable request, a schema of the client's that the model keeps missing — or one client's
+bad requests would open the breaker for everyone.
 
 Backoff is "full jitter": uniform(0, min(max, initial * 2**n)). A provider's Retry-After is
 honoured when it is at most `retry_after_max`; beyond that we fail over instead of waiting.
@@ -20,8 +28,8 @@ from __future__ import annotations
 import enum
 import random
 
-from proxy.core.errors import (FirstTokenTimeout, GatewayError, NoHealthyDeployment, Saturated, UpstreamError,
-                               UpstreamStatusError, UpstreamTimeout)
+from proxy.core.errors import (FirstTokenTimeout, GatewayError, NoHealthyDeployment, Saturated,
+                               ToolArgumentsInvalid, UpstreamError, UpstreamStatusError, UpstreamTimeout)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
@@ -33,6 +41,7 @@ class Action(enum.Enum):
     UNUSABLE = "unusable"
     CONTEXT = "context"
     FATAL = "fatal"
+    RESAMPLE = "resample"  # like FAILOVER, but the deployment is not to blame
     SKIP = "skip"
 
 
@@ -41,6 +50,8 @@ def classify(error: GatewayError) -> Action:
         return Action.SKIP
     if isinstance(error, FirstTokenTimeout):
         return Action.FAILOVER
+    if isinstance(error, ToolArgumentsInvalid):
+        return Action.RESAMPLE
     if isinstance(error, UpstreamStatusError):
         status = error.upstream_status
         if status in (401, 403):

@@ -27,7 +27,7 @@ import trio
 
 from proxy.routing.breaker import Breaker, BreakerSettings
 from proxy.config import Config, Deployment, ModelRoute
-from proxy.core.errors import InvalidRequest, ModelNotFound
+from proxy.core.errors import InvalidRequest, ModelNotFound, clip
 from proxy.core.errors import Saturated
 
 TRUE = frozenset({"1", "true", "yes", "on"})
@@ -85,7 +85,7 @@ class Router:
     def check_model(self, model: str) -> ModelRoute:
         route = self._config.route(model)
         if route is None:
-            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
+            raise ModelNotFound(f"The model '{clip(model)}' does not exist or you do not have access to it.",
                                 param="model")
         return route
 
@@ -146,7 +146,7 @@ class Router:
         for d in route.deployments:
             if d.name == name:
                 return self.states[name]
-        raise InvalidRequest(f"model '{route.name}' has no deployment named '{name}' "
+        raise InvalidRequest(f"model '{route.name}' has no deployment named '{clip(name)}' "
                              f"(x-gateway-deployment); it has: {', '.join(d.name for d in route.deployments)}",
                              param="x-gateway-deployment")
 

@@ -21,8 +21,8 @@ import orjson
 import trio
 
 from proxy.config import Config, check_environment
-from proxy.core.errors import (AuthenticationFailed, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed,
-                               NotFound)
+from proxy.core.errors import (MAX_MESSAGE, AuthenticationFailed, Forbidden, GatewayError, InvalidRequest,
+                               MethodNotAllowed, NotFound, clip)
 from proxy.formats import make_adapter
 from proxy.formats.chat_api import ChatAPI
 from proxy.formats.messages_api import MessagesAPI
@@ -139,8 +139,11 @@ class Gateway:
         except GatewayError as error:
             x.status, x.error, x.outcome = error.status, error, "error"
             level = logging.WARNING if error.status >= 500 else logging.INFO
-            log.log(level, "%s %s -> %d %s: %s (%.1f ms)", scope["method"], scope["path"], error.status,
-                    error.code or error.type, error.message, (time.perf_counter() - started) * 1000)
+            # Bounded (clip): the path, code and message may echo what a client or provider sent.
+            # Provider strings were redacted where they left the adapter (proxy/formats).
+            log.log(level, "%s %s -> %d %s: %s (%.1f ms)", scope["method"], clip(scope["path"]), error.status,
+                    clip(error.code or error.type), clip(error.message, MAX_MESSAGE),
+                    (time.perf_counter() - started) * 1000)
             render = route.error_body if route is not None else GatewayError.to_body
             body = render(error)
             body["request_id"] = rid  # the id to quote in a bug report, also in the headers

@@ -2,8 +2,9 @@
 
 It speaks three wire formats with deterministic text, tunable timing (time to first token,
 inter-token latency) and injectable faults (error statuses, hangs, dropped and stalled streams,
-error events mid-stream); each can answer with tool calls and reports usage with cached tokens in
-its own fields. Run it alone with `python -m proxy fake-provider`, or in-process:
+error events mid-stream, an upstream echoing the key it was sent); each can answer with tool
+calls and reports usage with cached tokens in its own fields. Run it alone with
+`python -m proxy fake-provider`, or in-process:
     fake = FakeProvider(FakeSettings(ttft=0.2, itl=0.05)); port = await nursery.start(fake.serve)
 
 Modules, each looking only down this list:

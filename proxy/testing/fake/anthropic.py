@@ -77,10 +77,14 @@ def stream_script(chat: Chat, rid: int) -> list[tuple[bytes, bool]]:
     return out
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(status: int, message: str, echo: str | None = None) -> dict[str, Any]:
     kind = _ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    if echo:
+        return {"type": "error", "error": {"type": echo, "message": f"{message}: {echo}"}}
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def error_event() -> bytes:
-    return sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
+def error_event(status: int | None = None, echo: str | None = None) -> bytes:
+    body = error_body(status or 529, "fake provider error mid-stream", echo) if status or echo else \
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    return sse(body, "error")

@@ -10,7 +10,9 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import sys
 
 import trio
 
@@ -65,5 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                                 token_bytes=args.token_bytes)
     except ValueError as exc:
         parser.error(str(exc))
-    trio.run(_run, FakeProvider(settings), args.host, args.port)
+    try:
+        trio.run(_run, FakeProvider(settings), args.host, args.port)
+    except BaseException as exc:  # trio wraps the bind error in a group
+        if not _in_use(exc):
+            raise
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"error: {shown}:{args.port} is in use", file=sys.stderr)
+        return 2
     return 0
+
+
+def _in_use(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_in_use(e) for e in exc.exceptions)
+    return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE

@@ -72,12 +72,13 @@ class Drop(Exception):
 class Exchange:
     """One request/response on a connection: the socket, h11 state and the record it feeds."""
 
-    __slots__ = ("stream", "conn", "is_head", "record", "peer_gone", "dropped", "wire")
+    __slots__ = ("stream", "conn", "is_head", "record", "peer_gone", "dropped", "wire", "chat")
 
     def __init__(self, stream: trio.SocketStream, conn: h11.Connection, is_head: bool) -> None:
         self.stream, self.conn, self.is_head = stream, conn, is_head
         self.wire = "openai"
         self.record: RequestRecord | None = None
+        self.chat: Chat | None = None  # the planned request being answered, once there is one
         self.peer_gone = False  # the client closed (EOF, reset or a failed write)
         self.dropped = False  # we closed abruptly on purpose (drop_after)
 
@@ -87,21 +88,29 @@ class Exchange:
             self.record.bytes_sent += body_bytes
 
 
-def error_body(wire: str, status: int, message: str | None = None) -> dict[str, Any]:
+def error_body(wire: str, status: int, message: str | None = None, echo: str | None = None) -> dict[str, Any]:
     """An error body in `wire`'s shape (OpenAI's for the routes of no format)."""
-    return _FORMATS[wire].error_body(status, message or f"fake provider error {status}")
+    return _FORMATS[wire].error_body(status, message or f"fake provider error {status}", echo)
 
 
-def response(conn: h11.Connection, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    return conn.send(h11.Response(status_code=status, headers=headers,
-                                  reason=_REASONS.get(status, b"")))
+def response(conn: h11.Connection, status: int, headers: Sequence[tuple[bytes, bytes]],
+             echo: str | None = None) -> bytes:
+    reason = _REASONS.get(status, b"")
+    if echo:  # echo_key: the key in the status line and in headers a client might show
+        reason = echo.encode("latin-1")
+        headers = [*headers, (b"x-echo-key", reason), (b"www-authenticate", b"Bearer " + reason)]
+    return conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+
+
+def _echo(ex: Exchange) -> str | None:
+    return ex.chat.echo if ex.chat is not None else None
 
 
 async def send_json(ex: Exchange, status: int, obj: Any,
                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = orjson.dumps(obj)
     head = response(ex.conn, status, [(b"content-type", b"application/json"),
-                                      (b"content-length", b"%d" % len(body)), *headers])
+                                      (b"content-length", b"%d" % len(body)), *headers], _echo(ex))
     if ex.is_head:  # h11 rightly refuses a body on a HEAD response
         await ex.write(head + ex.conn.send(h11.EndOfMessage()), 0)
         return
@@ -112,6 +121,8 @@ async def send_json(ex: Exchange, status: int, obj: Any,
 async def respond(ex: Exchange, chat: Chat | str) -> None:
     """Answer `chat` (or with a 400 of that message) while a second task reads the socket: EOF or
     reset cancels the response. Sets `ex.peer_gone` / `ex.dropped`; never raises for either."""
+    if not isinstance(chat, str):
+        ex.chat = chat
     if _immediate(chat):  # nothing to wait for: a watcher would only cost (~20% of a request)
         await _respond_once(ex, chat)
         return
@@ -167,7 +178,9 @@ async def _respond(ex: Exchange, chat: Chat | str) -> None:
         if s.retry_after is not None:
             value = int(s.retry_after) if float(s.retry_after).is_integer() else s.retry_after
             headers.append((b"retry-after", str(value).encode()))
-        await send_json(ex, s.status, error_body(chat.wire, s.status, chat.error_message), headers)
+        elif chat.echo:
+            headers.append((b"retry-after", chat.echo.encode("latin-1")))
+        await send_json(ex, s.status, error_body(chat.wire, s.status, chat.error_message, chat.echo), headers)
     elif chat.embed_inputs:
         await send_json(ex, 200, _EMBEDDINGS[chat.wire](chat))
     elif chat.stream and (chat.wire != "openai" or chat.tool_calls or chat.settings.error_after is not None):
@@ -191,7 +204,7 @@ async def _complete(ex: Exchange, chat: Chat) -> None:
         await trio.sleep(s.ttft)
     body = orjson.dumps(_FORMATS[chat.wire].completion_body(chat, record.id))
     head = response(ex.conn, 200, [(b"content-type", b"application/json"),
-                                   (b"content-length", b"%d" % len(body))])
+                                   (b"content-length", b"%d" % len(body))], chat.echo)
     if chat.fault:  # a JSON body is all-or-nothing: the fault takes the body's place
         await ex.write(head, 0)
         await _fault(chat.fault[1])
@@ -206,7 +219,7 @@ async def _stream(ex: Exchange, chat: Chat) -> None:
     prefix = openai.stream_prefix(chat, record.id)
     role = openai.role_event(prefix)
     # Role chunk goes with the headers, before ttft, as OpenAI does.
-    head = response(conn, 200, _SSE_HEADERS)
+    head = response(conn, 200, _SSE_HEADERS, chat.echo)
     role_frame = conn.send(h11.Data(data=role))
     await ex.write(head + role_frame, len(role))
 
@@ -252,7 +265,7 @@ async def _stream_script(ex: Exchange, chat: Chat) -> None:
     s, record, conn, wire = chat.settings, ex.record, ex.conn, _FORMATS[chat.wire]
     events = wire.stream_script(chat, record.id)
     await ex.write(response(conn, 200, [(b"content-type", wire.STREAM_CONTENT_TYPE),
-                                        (b"cache-control", b"no-cache")]), 0)
+                                        (b"cache-control", b"no-cache")], chat.echo), 0)
     first = trio.current_time() + s.ttft
     sent = 0
     for payload, is_token in events:
@@ -260,7 +273,7 @@ async def _stream_script(ex: Exchange, chat: Chat) -> None:
             if chat.fault and sent >= chat.fault[0]:
                 await _fault(chat.fault[1])
             if s.error_after is not None and sent >= s.error_after:
-                payload = wire.error_event()
+                payload = wire.error_event(s.error_event_status, chat.echo)
                 await ex.write(conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()),
                                len(payload))
                 return

@@ -54,12 +54,12 @@ def stream_script(chat: Chat, rid: int) -> list[tuple[bytes, bool]]:
     return out
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"error": message}
+def error_body(status: int, message: str, echo: str | None = None) -> dict[str, Any]:
+    return {"error": f"{message}: {echo}" if echo else message}
 
 
-def error_event() -> bytes:
-    return b'{"error":"fake provider error mid-stream"}\n'
+def error_event(status: int | None = None, echo: str | None = None) -> bytes:
+    return orjson.dumps(error_body(status or 500, "fake provider error mid-stream", echo)) + b"\n"
 
 
 def embeddings_body(chat: Chat) -> dict[str, Any]:

@@ -73,15 +73,16 @@ def stream_script(chat: Chat, rid: int) -> list[tuple[bytes, bool]]:
     return out
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(status: int, message: str, echo: str | None = None) -> dict[str, Any]:
     default = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
     kind, code = _ERROR_KINDS.get(status, default)
+    if echo:  # every field a client library might show
+        return {"error": {"message": f"{message}: {echo}", "type": echo, "param": echo, "code": echo}}
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def error_event() -> bytes:
-    return sse({"error": {"message": "fake provider error mid-stream", "type": "server_error",
-                          "param": None, "code": None}})
+def error_event(status: int | None = None, echo: str | None = None) -> bytes:
+    return sse(error_body(status or 500, "fake provider error mid-stream", echo))
 
 
 def embeddings_body(chat: Chat) -> dict[str, Any]:

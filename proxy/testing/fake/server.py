@@ -246,7 +246,15 @@ class FakeProvider:
         if wire == "ollama" and not embeddings:
             record.stream = chat.stream  # Ollama streams unless told not to
         record.status = chat.settings.status
+        if chat.settings.echo_key:
+            chat = dataclasses.replace(chat, echo=_key_of(record.headers))
         return dataclasses.replace(chat, error_message=message) if message else chat
+
+
+def _key_of(headers: dict[str, str]) -> str | None:
+    """The key a request carried: Anthropic's x-api-key, or a Bearer token."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return headers.get("x-api-key") or (token if scheme.lower() == "bearer" else None) or None
 
 
 async def _reject(ex: Exchange, status: int, message: str) -> None:

@@ -63,6 +63,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                   'null, or {"name": str, "arguments": str} or a list of them'),
     "cached_tokens": (count, "an integer >= 0"),
     "cache_write_tokens": (count, "an integer >= 0"),
+    "error_event_status": (lambda v: v is None or count(v) and 400 <= v <= 599, "null or a status 400-599"),
+    "echo_key": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -85,6 +87,13 @@ class FakeSettings:
     tool_call: dict | list | None = None
     cached_tokens: int = 0  # prompt tokens reported as read from the prompt cache
     cache_write_tokens: int = 0  # prompt tokens reported as written to it (Anthropic only)
+    # the status error_after's event stands for, in the format's terms (OpenAI's and Anthropic's
+    # error type); None: the format's usual server-side error (Anthropic: overloaded_error)
+    error_event_status: int | None = None
+    # a hostile upstream: the key this request carried (Bearer or x-api-key) is put everywhere a
+    # response can carry it — the status line's reason, headers (Retry-After too), every field of
+    # an error body, the mid-stream error event — so tests can prove the gateway passes none on
+    echo_key: bool = False
 
     def __post_init__(self) -> None:
         for name, (check, expected) in _CHECKS.items():
@@ -133,6 +142,7 @@ class Chat:
     error_message: str | None = None  # the message of an error status (run-time control)
     embed_inputs: tuple[str, ...] = ()  # an embeddings request: its texts
     embed_dims: int = 8
+    echo: str | None = None  # echo_key: the key the request carried, to be echoed
 
 
 def _texts(messages: list) -> list[str]:

@@ -1,4 +1,5 @@
-"""The two wire dialects the load generator speaks: request bodies and what an SSE event means.
+"""The two wire dialects the load generator speaks: paths, headers and what an SSE event means
+(request bodies: `loadtest.prompts.body`).
 
 Rules:
 - Classification runs on the raw event bytes the moment they arrive, before any JSON parsing, so
@@ -36,15 +37,6 @@ def request_headers(api: str, api_key: str | None) -> list[tuple[bytes, bytes]]:
             headers += [(b"x-api-key", api_key.encode()), (b"anthropic-version", b"2023-06-01")]
         headers.append((b"authorization", b"Bearer " + api_key.encode()))
     return headers
-
-
-def request_body(api: str, model: str, prompt: str, max_tokens: int | None, stream: bool) -> bytes:
-    body: dict = {"model": model, "stream": stream, "messages": [{"role": "user", "content": prompt}]}
-    if api == ANTHROPIC:
-        body["max_tokens"] = max_tokens if max_tokens is not None else 1024  # required there
-    elif max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    return orjson.dumps(body)
 
 
 def classify(api: str, data: bytes) -> Kind:
@@ -96,8 +88,3 @@ def completion_tokens(api: str, body: bytes) -> int:
     value = usage.get("output_tokens" if api == ANTHROPIC else "completion_tokens")
     return value if isinstance(value, int) else 0
 
-
-def synthetic_prompt(tokens: int) -> str:
-    """About `tokens` tokens of plain words (common English words are one token each)."""
-    words = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
-    return " ".join(words[i % len(words)] for i in range(max(1, tokens)))

@@ -22,6 +22,10 @@ events closes it. K counts every SSE event, the role-only first chunk included.
 Outcomes: "ok"; "aborted" / "stalled" (asked for); "cancelled" (cut by the end of a --duration
 run); errors: "connect", "http_<status>", "timeout", "closed" (connection ended mid-response),
 "protocol", "stream_error" (an error event), "incomplete" (clean close without [DONE]).
+
+Tokens: `tokens` counts content events (what ITL is made of); `output_tokens` is the run's
+tokenizer count of the text, made once after the response ended (`loadtest.tokens`): on the hot
+path a content event's bytes are only appended to a per-request list.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import time
 from array import array
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import trio
 
@@ -38,7 +43,9 @@ from proxy.core.sse import SSEDecoder, SSEError
 
 from . import apis
 from .http1 import ProtocolError, ResponseDecoder, encode_request
+from .prompts import Length, Prompt, body as request_body, build as build_prompts
 from .settings import Behaviour, Target
+from .tokens import TokenCounter
 
 RECV_BYTES = 65536
 MAX_BODY = 16 * 1024 * 1024  # a non-streaming body we keep to count its tokens
@@ -66,6 +73,11 @@ class Sample:
     bytes_in: int = 0
     reused: bool = False
     detail: str = ""  # error text, short
+    warmup: bool = False  # sent during the warm-up: not in the step's figures
+    prompt: Any = None  # the loadtest.prompts.Prompt sent (None: the target's first)
+    input_tokens: int = 0
+    output_tokens: int = 0  # counted with the run's tokenizer (events with `events`)
+    usage_tokens: int = -1  # output tokens the server reported; -1: no usage in the response
 
 
 class Live:
@@ -131,14 +143,25 @@ class Client:
         self.target, self.behaviour, self.live, self.itl = target, behaviour, live, itl
         self.timeout = timeout
         self._offset = trio_offset  # trio.current_time() - time.perf_counter()
-        body = apis.request_body(target.api, target.model, target.prompt, target.max_tokens, target.stream)
+        self.counter = TokenCounter(target.tokenizer)
+        prompts = target.prompts
+        if prompts is None:
+            cap = Length("constant", target.max_tokens) if target.max_tokens is not None else None
+            prompts = build_prompts(self.counter, prompt=target.prompt, max_tokens=cap)
+        self.prompts = prompts
+        self.default_prompt: Prompt = prompts.conversations[0][0]
         headers = apis.request_headers(target.api, target.api_key)
         headers += [(k.lower().encode(), v.encode()) for k, v in target.extra_headers]
-        self._wire = [
-            encode_request(b"POST", b"%s:%d" % (e.host.encode(), e.port),
-                           e.base_path + apis.request_path(target.api), headers, body)
-            for e in target.endpoints]
+        # Every request's bytes, built once: per prompt, one per endpoint.
+        self._wires: dict[int, list[bytes]] = {}
+        for prompt in prompts.prompts:
+            body = request_body(target.api, target.model, prompt, target.stream, target.stream_usage)
+            self._wires[id(prompt)] = [
+                encode_request(b"POST", b"%s:%d" % (e.host.encode(), e.port),
+                               e.base_path + apis.request_path(target.api), headers, body)
+                for e in target.endpoints]
         self._addresses: list[tuple] = []
+        self.on_done: Callable[[Sample], None] | None = None  # the run's fail-fast guard
 
     async def resolve(self) -> None:
         """Once per run: no DNS (or thread) per connection."""
@@ -202,6 +225,8 @@ class Client:
                 live.errors += 1
             if box[0] is not None and not (reusable and keep):
                 box[0].close()  # also when cancelled: nothing is left to the garbage collector
+            if self.on_done is not None:
+                self.on_done(sample)
         return box[0] if reusable and keep else None
 
     async def _exchange(self, sample: Sample, box: list[Connection | None]) -> bool:
@@ -211,7 +236,12 @@ class Client:
             conn = box[0] = await self.connect(sample.endpoint)
         else:
             sample.reused = True
-        api, stream_mode, live, itl = self.target.api, self.target.stream, self.live, self.itl
+        api, stream_mode, live = self.target.api, self.target.stream, self.live
+        itl = self.itl if not sample.warmup else array("d")  # warm-up gaps are not measured
+        prompt = sample.prompt if sample.prompt is not None else self.default_prompt
+        sample.input_tokens = prompt.input_tokens
+        counting = self.counter.counts_text
+        kept: list[bytes] = []  # content events (when counting text) and usage events
         behaviour = self.behaviour
         rate = behaviour.read_rate
         recv_bytes = RECV_BYTES if rate is None else max(256, min(RECV_BYTES, int(rate / 20)))
@@ -219,83 +249,95 @@ class Client:
         classify, Kind = apis.classify, apis.Kind
         done = False
 
-        sample.sent = time.perf_counter()
-        live.open_streams += 1
         try:
-            await conn.send_all(self._wire[sample.endpoint])
-        except OSError:
-            if sample.reused:
-                raise _Stale from None
-            raise
-        read_start = time.perf_counter()
-        while True:
-            if rate is not None and sample.bytes_in:
-                await self.sleep_until(read_start + sample.bytes_in / rate)
+            sample.sent = time.perf_counter()
+            live.open_streams += 1
             try:
-                data = await conn.recv(recv_bytes)
-            except ConnectionResetError:
-                if sample.reused and not sample.bytes_in:
+                await conn.send_all(self._wires[id(prompt)][sample.endpoint])
+            except OSError:
+                if sample.reused:
                     raise _Stale from None
                 raise
-            now = time.perf_counter()
-            if not data:
-                if sample.reused and not sample.bytes_in:
-                    raise _Stale
-                decoder.close()  # raises unless the body ends with the connection
-                break
-            sample.bytes_in += len(data)
-            live.bytes_in += len(data)
-            pieces = decoder.feed(data)
-            head = decoder.head
-            if head is None:
-                continue
-            if not sample.status:
-                sample.headers, sample.status = now, head.status
-            if head.status != 200 or not stream_mode:
+            read_start = time.perf_counter()
+            while True:
+                if rate is not None and sample.bytes_in:
+                    await self.sleep_until(read_start + sample.bytes_in / rate)
+                try:
+                    data = await conn.recv(recv_bytes)
+                except ConnectionResetError:
+                    if sample.reused and not sample.bytes_in:
+                        raise _Stale from None
+                    raise
+                now = time.perf_counter()
+                if not data:
+                    if sample.reused and not sample.bytes_in:
+                        raise _Stale
+                    decoder.close()  # raises unless the body ends with the connection
+                    break
+                sample.bytes_in += len(data)
+                live.bytes_in += len(data)
+                pieces = decoder.feed(data)
+                head = decoder.head
+                if head is None:
+                    continue
+                if not sample.status:
+                    sample.headers, sample.status = now, head.status
+                if head.status != 200 or not stream_mode:
+                    for piece in pieces:
+                        if len(body) < MAX_BODY:
+                            body += piece
+                    if decoder.done:
+                        break
+                    continue
                 for piece in pieces:
-                    if len(body) < MAX_BODY:
-                        body += piece
+                    for event in sse.feed(piece):
+                        sample.events += 1
+                        kind = classify(api, event.data)
+                        if kind is Kind.TOKEN:
+                            if sample.tokens:
+                                itl.append(now - sample.last_token)
+                            else:
+                                sample.first_token = now
+                            sample.last_token = now
+                            sample.tokens += 1
+                            live.tokens += 1
+                            if counting:
+                                kept.append(event.data)
+                        elif kind is Kind.DONE:
+                            done = True
+                        elif kind is Kind.OTHER and b'"usage"' in event.data:
+                            kept.append(event.data)
+                        elif kind is Kind.ERROR:
+                            sample.outcome, sample.detail = "stream_error", event.data[:200].decode("utf-8", "replace")
+                        if behaviour.abort_after is not None and sample.events >= behaviour.abort_after:
+                            sample.outcome, sample.ended = "aborted", now
+                            return False
+                        if behaviour.stall_after is not None and sample.events >= behaviour.stall_after:
+                            sample.outcome, sample.stalled_at = "stalled", now
+                            await trio.sleep(behaviour.hold)
+                            return False
                 if decoder.done:
                     break
-                continue
-            for piece in pieces:
-                for event in sse.feed(piece):
-                    sample.events += 1
-                    kind = classify(api, event.data)
-                    if kind is Kind.TOKEN:
-                        if sample.tokens:
-                            itl.append(now - sample.last_token)
-                        else:
-                            sample.first_token = now
-                        sample.last_token = now
-                        sample.tokens += 1
-                        live.tokens += 1
-                    elif kind is Kind.DONE:
+            sample.ended = time.perf_counter()
+            if sample.status != 200:
+                sample.outcome = f"http_{sample.status}"
+                sample.detail = bytes(body[:MAX_ERROR_BODY]).decode("utf-8", "replace")
+            elif not stream_mode:
+                sample.first_token = sample.last_token = sample.ended
+                sample.tokens = apis.completion_tokens(api, bytes(body))
+                live.tokens += sample.tokens
+                sample.output_tokens, usage = self.counter.body(api, bytes(body))
+                sample.usage_tokens = -1 if usage is None else usage
+                sample.outcome = "ok"
+            elif not sample.outcome:
+                for event in sse.close():
+                    if classify(api, event.data) is Kind.DONE:
                         done = True
-                    elif kind is Kind.ERROR:
-                        sample.outcome, sample.detail = "stream_error", event.data[:200].decode("utf-8", "replace")
-                    if behaviour.abort_after is not None and sample.events >= behaviour.abort_after:
-                        sample.outcome, sample.ended = "aborted", now
-                        return False
-                    if behaviour.stall_after is not None and sample.events >= behaviour.stall_after:
-                        sample.outcome, sample.stalled_at = "stalled", now
-                        await trio.sleep(behaviour.hold)
-                        return False
-            if decoder.done:
-                break
-        sample.ended = time.perf_counter()
-        if sample.status != 200:
-            sample.outcome = f"http_{sample.status}"
-            sample.detail = bytes(body[:MAX_ERROR_BODY]).decode("utf-8", "replace")
-        elif not stream_mode:
-            sample.first_token = sample.last_token = sample.ended
-            sample.tokens = apis.completion_tokens(api, bytes(body))
-            live.tokens += sample.tokens
-            sample.outcome = "ok"
-        elif not sample.outcome:
-            for event in sse.close():
-                if classify(api, event.data) is Kind.DONE:
-                    done = True
-            sample.outcome = "ok" if done else "incomplete"
-        head = decoder.head
-        return decoder.done and head is not None and head.keep_alive
+                sample.outcome = "ok" if done else "incomplete"
+            head = decoder.head
+            return decoder.done and head is not None and head.keep_alive
+        finally:
+            # Counted whatever the outcome (aborted, stalled, cut): what arrived was received.
+            if stream_mode and sample.status == 200:
+                sample.output_tokens, usage = self.counter.stream(api, kept, sample.tokens)
+                sample.usage_tokens = -1 if usage is None else usage

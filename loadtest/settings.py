@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .apis import ANTHROPIC, OPENAI
+
+if TYPE_CHECKING:
+    from .prompts import PromptSet
+    from .slo import SLO
 
 
 class SettingsError(ValueError):
@@ -47,12 +52,20 @@ class Target:
     max_tokens: int | None = None
     stream: bool = True
     extra_headers: tuple[tuple[str, str], ...] = ()
+    prompts: "PromptSet | None" = None  # several prompts / a dataset; None: `prompt`, `max_tokens`
+    tokenizer: str | None = None  # loadtest.tokens.TOKENIZERS; None: by the model's name
+    stream_usage: bool = False  # OpenAI streams: ask for the usage chunk (stream_options)
     endpoints: tuple[Endpoint, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        from .tokens import TOKENIZERS, default_tokenizer
+
         _check(len(self.urls) > 0, "url", self.urls, "at least one URL")
         _check(self.api in (OPENAI, ANTHROPIC), "api", self.api, "openai or anthropic")
         _check(self.max_tokens is None or self.max_tokens > 0, "max_tokens", self.max_tokens, "> 0")
+        if self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", default_tokenizer(self.model))
+        _check(self.tokenizer in TOKENIZERS, "tokenizer", self.tokenizer, " or ".join(TOKENIZERS))
         object.__setattr__(self, "endpoints", tuple(Endpoint.parse(u) for u in self.urls))
 
 
@@ -69,6 +82,8 @@ class Shape:
     max_in_flight: int = 20_000  # open loop: arrivals beyond this fail as "client_limit"
     new_connection: bool = False  # closed loop: a fresh connection per request (else keep-alive)
     timeout: float = 300.0  # per request, from its start to its end
+    warmup: float = 0.0  # seconds of load first whose requests are not measured
+    cooldown: float = 0.0  # after the measured window: seconds in-flight requests may still finish
 
     def __post_init__(self) -> None:
         _check((self.concurrency is None) != (self.rate is None), "concurrency/rate",
@@ -82,6 +97,13 @@ class Shape:
         _check(self.ramp_up >= 0, "ramp_up", self.ramp_up, ">= 0")
         _check(self.max_in_flight > 0, "max_in_flight", self.max_in_flight, "> 0")
         _check(self.timeout > 0, "timeout", self.timeout, "> 0")
+        _check(self.warmup >= 0 and math.isfinite(self.warmup), "warmup", self.warmup, ">= 0")
+        _check(self.cooldown >= 0 and math.isfinite(self.cooldown), "cooldown", self.cooldown, ">= 0")
+
+    @property
+    def load(self) -> dict[str, Any]:
+        """What this shape offers: the x of a sweep's charts."""
+        return {"concurrency": self.concurrency} if self.rate is None else {"rate": self.rate}
 
     @property
     def open_loop(self) -> bool:
@@ -119,3 +141,9 @@ class RunSettings:
     behaviour: Behaviour = Behaviour()
     sampling: Sampling = Sampling()
     progress: bool = True
+    slo: "SLO | None" = None
+    stop_on_error_rate: float | None = None  # stop once this share of >= 20 responses failed
+
+    def __post_init__(self) -> None:
+        rate = self.stop_on_error_rate
+        _check(rate is None or 0 < rate <= 1, "stop_on_error_rate", rate, "a share in (0, 1]")

@@ -10,6 +10,10 @@ Rules:
 - Memory per open stream: the target's RSS above its idle RSS, divided by the open streams at
   the same instant, taken as the median over the plateau (samples with at least 90% of the peak
   open streams), so one GC spike or one slow sample cannot make the number.
+- Tokens: `output_tokens_per_s` is from the tokenizer's count (`loadtest.tokens`), not events;
+  `usage_mismatch` is the share of responses reporting usage whose usage is off the count by more
+  than 2 % (None when no response reported usage).
+- SLO attainment and goodput per `loadtest.slo`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .client import Sample, is_error
 from .memory import MemorySample
+from .tokens import disagrees
+
+if TYPE_CHECKING:
+    from .slo import SLO
 
 PLATEAU = 0.9
 
@@ -65,6 +73,18 @@ class Summary:
     loadgen_cores: float | None  # the load generator's CPU seconds per wall second: near 1.0, it limits
     latency_origin: str
     error_details: dict[str, str] = field(default_factory=dict)  # one example per error kind
+    load: dict[str, Any] = field(default_factory=dict)  # {"concurrency": N} or {"rate": R}
+    tokenizer: str = "events"
+    output_tokens: int = 0  # counted (see tokenizer)
+    input_tokens: int = 0  # counted, of the measured requests' prompts
+    usage_checked: int = 0  # responses that reported usage
+    usage_mismatch: float | None = None  # share of those off the count by > 2 %
+    slo: dict[str, float] | None = None
+    slo_attainment: float | None = None  # share of requests meeting every bound
+    goodput_rps: float | None = None  # requests/s meeting every bound
+    # completions/s between the first and the last "ok" end: what the target delivered, free of
+    # the latency at both ends of the window (a sweep's saturation test uses it)
+    delivered_rps: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,7 +95,8 @@ def origin(sample: Sample, open_loop: bool) -> float:
 
 
 def summarize(samples: list[Sample], itl: array, memory: list[MemorySample], *, open_loop: bool,
-              peak_open: int) -> Summary:
+              peak_open: int, slo: "SLO | None" = None, tokenizer: str = "events",
+              load: dict[str, Any] | None = None) -> Summary:
     outcomes = Counter(s.outcome for s in samples)
     errors = sum(n for kind, n in outcomes.items() if is_error(kind))
     details: dict[str, str] = {}
@@ -89,7 +110,17 @@ def summarize(samples: list[Sample], itl: array, memory: list[MemorySample], *, 
         duration = max(s.ended for s in finished) - min(s.scheduled for s in samples)
     else:
         duration = 0.0
-    tokens = sum(s.tokens for s in samples)
+    tokens = sum(s.tokens for s in samples)  # content events: what the target relayed
+    counted = sum(s.output_tokens for s in samples)
+    reported = [s for s in samples if s.usage_tokens >= 0 and s.outcome == "ok"]
+    mismatched = sum(1 for s in reported if disagrees(s.output_tokens, s.usage_tokens))
+    ends = sorted(s.ended for s in samples if s.outcome == "ok")
+    delivered = round((len(ends) - 1) / (ends[-1] - ends[0]), 2) if len(ends) > 1 and ends[-1] > ends[0] else None
+    attainment = goodput = None
+    if slo is not None:
+        met = sum(1 for s in samples if slo.met(s, origin(s, open_loop)))
+        attainment = round(met / len(samples), 4) if samples else None
+        goodput = round(met / duration, 2) if duration > 0 else 0.0
     rss_idle, rss_peak, kb, cpu, self_peak = _memory(memory, samples)
     self_cores = None
     if len(memory) > 1 and memory[-1].at > memory[0].at:
@@ -102,7 +133,7 @@ def summarize(samples: list[Sample], itl: array, memory: list[MemorySample], *, 
         ttft_ms=_ms(ttft, {"p50": 50, "p90": 90, "p99": 99, "max": 100}),
         itl_ms=_ms(list(itl), {"p50": 50, "p90": 90, "p99": 99, "max": 100}),
         e2e_ms=_ms(e2e, {"p50": 50, "p90": 90, "p99": 99, "max": 100}),
-        output_tokens_per_s=round(tokens / duration, 1) if duration > 0 else 0.0,
+        output_tokens_per_s=round(counted / duration, 1) if duration > 0 else 0.0,
         requests_per_s=round(outcomes.get("ok", 0) / duration, 2) if duration > 0 else 0.0,
         duration_s=round(duration, 3),
         open_streams_peak=peak_open,
@@ -114,6 +145,16 @@ def summarize(samples: list[Sample], itl: array, memory: list[MemorySample], *, 
         loadgen_cores=self_cores,
         latency_origin="scheduled start" if open_loop else "request write",
         error_details=details,
+        load=dict(load or {}),
+        tokenizer=tokenizer,
+        output_tokens=counted,
+        input_tokens=sum(s.input_tokens for s in samples),
+        usage_checked=len(reported),
+        usage_mismatch=round(mismatched / len(reported), 4) if reported else None,
+        slo=slo.to_json() if slo is not None else None,
+        slo_attainment=attainment,
+        goodput_rps=goodput,
+        delivered_rps=delivered,
     )
 
 

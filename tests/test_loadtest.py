@@ -178,16 +178,35 @@ async def test_connect_errors_are_counted():
     assert result.summary.outcomes == {"connect": 4}
 
 
-async def test_memory_sampling_of_a_target_process(provider):
-    # The target is this very process: RSS is sampled and attributed to open streams.
-    prompt = 'fake: {"ttft": 0.4, "tokens": 1}'
+async def test_memory_sampling_of_a_target_process(provider, nursery):
+    # The target is this very process: RSS is sampled and attributed to open streams. While the
+    # 50 streams wait for their first token, the "target" takes 64 MiB more (written, so resident):
+    # the idle RSS must be the RSS before the load, the peak must show the 64 MiB on top of it, and
+    # the memory per open stream must carry them (a sampler reading the wrong process, a median
+    # taken over the wrong samples or idle and peak mixed up fail here).
+    from loadtest.memory import measure
+    from proxy.core.encodings import encoding
+
+    prompt = 'fake: {"ttft": 0.6, "tokens": 1}'
+    held: list[bytes] = []
+
+    async def grow() -> None:
+        await provider.wait_for_records(50)  # every stream open, 0.6 s before its first token
+        held.append(b"\x01" * (64 << 20))
+
+    encoding("o200k_base")  # the run's tokenizer, loaded before "before" (tens of MB, once)
+    before = measure((os.getpid(),))[0] / 1024  # as the sampler counts: children included
+    nursery.start_soon(grow)
     with trio.fail_after(20):
         result = await run(settings(provider.url, prompt=prompt, concurrency=50, requests=50,
                                     sampling=Sampling(target_pids=(os.getpid(),), interval=0.05,
                                                       idle_wait=0.1)))
+    held.clear()
     s = result.summary
-    assert s.target_rss_mb["idle"] > 0 and s.target_rss_mb["peak"] >= s.target_rss_mb["idle"]
-    assert s.open_streams_peak == 50 and s.kb_per_stream is not None
+    assert s.target_rss_mb["idle"] == pytest.approx(before, abs=8)
+    assert s.target_rss_mb["peak"] - s.target_rss_mb["idle"] >= 60
+    assert s.open_streams_peak == 50
+    assert s.kb_per_stream >= 0.5 * 64 * 1024 / 50  # most of the plateau had the 64 MiB
     assert any(m.open_streams == 50 for m in result.memory)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 
-from loadtest import apis
+from loadtest import apis, prompts
+from loadtest.prompts import Prompt
 from loadtest.apis import Kind
 from loadtest.http1 import ProtocolError, ResponseDecoder, encode_request
 from loadtest.runner import arrival_times
@@ -110,9 +112,14 @@ def test_completion_tokens_and_bodies():
     assert apis.completion_tokens(apis.OPENAI, b'{"usage":{"completion_tokens":7}}') == 7
     assert apis.completion_tokens(apis.ANTHROPIC, b'{"usage":{"output_tokens":3}}') == 3
     assert apis.completion_tokens(apis.OPENAI, b"not json") == 0
-    assert b'"max_tokens":1024' in apis.request_body(apis.ANTHROPIC, "m", "p", None, True)
-    assert b"max_tokens" not in apis.request_body(apis.OPENAI, "m", "p", None, True)
-    assert len(apis.synthetic_prompt(100).split()) == 100
+    one = Prompt(({"role": "system", "content": "s"}, {"role": "user", "content": "p"}), None, 0)
+    anthropic = json.loads(prompts.body(apis.ANTHROPIC, "m", one, True, True))
+    assert anthropic["max_tokens"] == 1024 and anthropic["system"] == "s"
+    assert anthropic["messages"] == [{"role": "user", "content": "p"}] and "stream_options" not in anthropic
+    openai = json.loads(prompts.body(apis.OPENAI, "m", one, True, True))
+    assert "max_tokens" not in openai and openai["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in json.loads(prompts.body(apis.OPENAI, "m", one, True, False))
+    assert len(prompts.synthetic_prompt(100).split()) == 100
 
 
 def test_constant_arrivals_with_ramp():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -21,6 +22,10 @@ from proxy.core.errors import ConfigError
 # Groq, Azure OpenAI with api_key_header/api_version); anthropic: the Messages API; ollama: /api/chat.
 PROVIDER_KINDS = ("openai", "openai-compatible", "anthropic", "ollama")
 TOOL_ARGUMENTS = ("pass", "validate")
+CONTEXT_STRATEGIES = ("reject", "sliding_window")
+# How prompts are counted for a model: OpenAI's own tokenizers, or cl100k_base times a margin for
+# models whose tokenizer is not shipped (Anthropic, Ollama's open-weight models).
+MODEL_ENCODINGS = ("o200k_base", "cl100k_base", "approximate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +61,8 @@ class ServerConfig:
 @dataclass(frozen=True, kw_only=True)
 class AuthConfig:
     master_key_env: str | None = "PROXY_MASTER_KEY"
+    # The master key may also call the model endpoints (false: only virtual keys may, see [state]).
+    master_key_traffic: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +113,9 @@ class ModelRoute:
     ttft_timeout: float | None = None
     pin: str | None = None                # a deployment name: only it serves, one attempt, no fallbacks
     allow_deployment_header: bool = False  # clients may ask for one deployment (x-gateway-deployment)
+    # A prompt + max_tokens over the context window: "reject" (400 context_length_exceeded) or
+    # "sliding_window" (oldest turns dropped, system prompt kept: proxy/accounting/context.py).
+    context_strategy: str = "reject"
 
     @property
     def is_glob(self) -> bool:
@@ -132,24 +142,134 @@ class RouterConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StateConfig:
-    """[state]: where keys, spend and limits live (SQLite file embedded; Redis for several instances)."""
+    """[state]: where keys, spend and limits live (SQLite file embedded; Redis for several instances).
+
+    Virtual keys, budgets and rate limits are on when the config has a [state] table."""
+    enabled: bool = False
     backend: str = "sqlite"
     path: str = "gateway.db"
     url: str | None = None
+    # Store unreachable: false = refuse with 503 (nothing served unaccounted), true = serve the
+    # keys already known without limits or budgets, and log it.
+    fail_open: bool = False
+    # Seconds between looks at the keys' version (revocation reaches every worker within this + a bit).
+    refresh_interval: float = 0.5
+    # A process that has not been seen for this long is gone: its reservations are released.
+    stale_after: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetsConfig:
+    """[budgets]: the global monthly budget and the kill switch for every budget."""
+    kill_at: float = 0.9              # share of a budget at which new requests are refused
+    monthly_usd: float | None = None  # the gateway's whole monthly budget (None = no global budget)
+    on_budget: str = "reject"         # "reject" (429 budget_exceeded) or "downgrade" (to `downgrade`'s model)
+    # on_budget = "downgrade": model -> cheaper model, used once a budget refuses the first one
+    downgrade: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeamConfig:
+    """[teams.NAME]: a team's (tenant's) budget, shared by every key with that team."""
+    name: str
+    budget_usd: float | None = None
+    budget_period: str = "month"
 
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
     """[metrics]: the Prometheus /metrics endpoint."""
+    enabled: bool = True       # false: no /metrics route and nothing observed per request
+    require_key: bool = False  # true: /metrics wants the master key as Bearer
+    per_key: bool = False      # true: request and cost counters per virtual key and team too
+
+
+@dataclass(frozen=True, kw_only=True)
+class SLOConfig:
+    """[slo]: objectives measured at the edge, their error budgets and burn rates
+    (proxy/observability/slo.py). Counts are kept per minute in [state] path when [state] is on."""
     enabled: bool = True
-    require_key: bool = False
-    per_key: bool = False
+    window_days: int = 30
+    availability: float = 0.995      # share of requests not failed by the gateway or its providers
+    latency_objective: float = 0.95  # share of requests whose latency is within latency_threshold
+    latency_threshold: float = 2.5   # seconds: TTFT for streams, the whole answer otherwise
+    cost_per_request: float = 0.015  # mean USD per priced request
+
+
+@dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """[tracing]: OpenTelemetry traces (proxy/observability/tracing.py), off by default; needs the
+    `otel` extra. Spans are exported over OTLP/HTTP by the SDK's own thread, in batches; at most
+    queue_size finished spans wait for it (more are dropped by the SDK)."""
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # the OTLP/HTTP traces endpoint of a collector
+    service_name: str = "llm-gateway"
+    sample_ratio: float = 1.0        # share of new traces kept; a sampled incoming traceparent is kept
+    queue_size: int = 2048           # finished spans waiting for the exporter thread
+
+
+CACHE_BACKENDS = ("sqlite", "redis", "memory")
+CACHE_MODES = ("deterministic", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
-    """[cache]: the response cache."""
+    """[cache]: the response cache (proxy/cache/). Bounds: max_entries and max_bytes for the whole
+    store (least recently used entries go first), max_entry_bytes for one answer (larger ones are
+    not cached), write_queue for the writes waiting for the store (more are dropped and counted;
+    at most write_queue x max_entry_bytes held)."""
     enabled: bool = False
+    backend: str = "sqlite"
+    path: str = "gateway-cache.db"      # sqlite: the file
+    url: str | None = None              # redis: redis://host:port/db
+    ttl: float = 3600.0                 # seconds an entry is served fresh
+    stale_if_error: float = 86400.0     # seconds after ttl it may still serve when every provider failed
+    mode: str = "deterministic"         # "deterministic": temperature 0 or a seed; "all": every request
+    max_entries: int = 10000
+    max_bytes: int = 256 * 1024 * 1024
+    max_entry_bytes: int = 1024 * 1024
+    write_queue: int = 256
+    key_prefix: str = "gwcache:"        # redis: the keys' prefix (several gateways share it)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tier:
+    """One tier of a cost-tier alias: a model group and the limits a request must fit to go there
+    (None = no limit). The last tier of an alias takes whatever the others did not."""
+    name: str
+    model: str
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    tools: bool = True                  # False: a request with tools goes to a later tier
+    json_schema: bool = True            # False: response_format json_schema goes to a later tier
+    images: bool = True                 # False: an image part goes to a later tier
+    keywords: tuple[str, ...] = ()      # whole words in the last user turn (any case) that escalate
+    patterns: tuple[str, ...] = ()      # regular expressions on the last user turn that escalate
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierAlias:
+    """[tiers."NAME"]: requests for model NAME are classified into its tiers (proxy/routing/tiers.py)."""
+    name: str
+    tiers: tuple[Tier, ...]
+    encoding: str = "o200k_base"
+    # A key whose remaining budget is below this goes to the first tier, whatever it asks.
+    budget_floor_usd: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfoConfig:
+    """[model_info."<upstream model name or glob>"]: prices and limits of an upstream model, over
+    the shipped table (proxy/accounting/model_info.py); None = the shipped value (or none)."""
+    pattern: str
+    input_usd_per_mtok: float | None = None
+    output_usd_per_mtok: float | None = None
+    cached_input_usd_per_mtok: float | None = None
+    cache_write_usd_per_mtok: float | None = None
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    encoding: str | None = None       # one of MODEL_ENCODINGS
+    token_margin: float | None = None  # counts are multiplied by this (default 1.2 for "approximate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,8 +280,14 @@ class Config:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     models: tuple[ModelRoute, ...] = ()
     state: StateConfig = field(default_factory=StateConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    teams: dict[str, TeamConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    tiers: dict[str, TierAlias] = field(default_factory=dict)
+    model_info: tuple[ModelInfoConfig, ...] = ()
 
     def route(self, model: str) -> ModelRoute | None:
         """Exact names win over globs; otherwise the first matching glob in file order."""
@@ -340,7 +466,7 @@ def _model(name: str, raw: Any, providers: dict[str, ProviderConfig]) -> ModelRo
     key = f'models."{name}"'
     raw = _table(raw, key)
     _known(raw, key, {"deployments", "fallbacks", "context_window_fallback", "ttft_timeout", "pin",
-                      "allow_deployment_header"})
+                      "allow_deployment_header", "context_strategy"})
     deployments = raw.get("deployments")
     if not isinstance(deployments, list) or not deployments:
         raise ConfigError(f"{key}.deployments", deployments, "a non-empty list of {provider=..., model=...}")
@@ -361,8 +487,12 @@ def _model(name: str, raw: Any, providers: dict[str, ProviderConfig]) -> ModelRo
     if not isinstance(header, bool):
         raise ConfigError(f"{key}.allow_deployment_header", header, "true or false")
     ttft = raw.get("ttft_timeout")
+    strategy = _string(f"{key}.context_strategy", raw.get("context_strategy", "reject"),
+                       check=lambda s: s in CONTEXT_STRATEGIES,
+                       expected=" or ".join(f'"{s}"' for s in CONTEXT_STRATEGIES))
     return ModelRoute(name=name, deployments=parsed, fallbacks=tuple(fallbacks),
                       context_window_fallback=context, pin=pin, allow_deployment_header=header,
+                      context_strategy=strategy,
                       ttft_timeout=None if ttft is None else _positive(f"{key}.ttft_timeout", ttft))
 
 
@@ -407,13 +537,48 @@ def _check_references(models: tuple[ModelRoute, ...], config: "Config") -> None:
 # -- [state] (keys, spend, limits) --
 
 def _state(raw: Any) -> StateConfig:
-    return StateConfig(**_fields(_table(raw, "state"), "state", {
+    values = _fields(_table(raw, "state"), "state", {
+        "enabled": _bool,
         "backend": lambda k, v: _string(k, v, check=lambda s: s in ("sqlite", "redis"),
                                         expected='"sqlite" or "redis"'),
         "path": lambda k, v: _string(k, v),
         "url": lambda k, v: _string(k, v, check=lambda s: s.startswith(("redis://", "rediss://", "unix://")),
                                     expected="a redis:// URL"),
+        "fail_open": _bool,
+        "refresh_interval": lambda k, v: _number(k, v, minimum=0.05) if v <= 1 else
+        _fail(k, v, "a number of seconds between 0.05 and 1 (revocation must show within 1 s)"),
+        "stale_after": lambda k, v: _number(k, v, minimum=2),
+    })
+    values.setdefault("enabled", True)  # the table is there: keys are on unless it says otherwise
+    if values.get("backend") == "redis" and not values.get("url"):
+        raise ConfigError("state.url", None, 'a redis:// URL (backend = "redis")')
+    return StateConfig(**values)
+
+
+# -- [budgets], [teams.NAME] (proxy/keys) --
+
+def _period(key: str, v: Any) -> str:
+    return _string(key, v, check=lambda s: s in ("day", "month", "total"), expected='"day", "month" or "total"')
+
+
+def _budgets(raw: Any) -> BudgetsConfig:
+    budgets = BudgetsConfig(**_fields(_table(raw, "budgets"), "budgets", {
+        "kill_at": lambda k, v: _number(k, v, minimum=0.01) if v <= 1 else _fail(k, v, "a share between 0.01 and 1"),
+        "monthly_usd": lambda k, v: _number(k, v, minimum=0),
+        "on_budget": lambda k, v: _string(k, v, check=lambda s: s in ("reject", "downgrade"),
+                                          expected='"reject" or "downgrade"'),
+        "downgrade": lambda k, v: {name: _string(f"{k}.{name}", to) for name, to in _table(v, k).items()},
     }))
+    if budgets.on_budget == "downgrade" and not budgets.downgrade:
+        raise ConfigError("budgets.downgrade", {}, 'a table model = "cheaper model" (on_budget = "downgrade")')
+    return budgets
+
+
+def _teams(raw: Any) -> dict[str, TeamConfig]:
+    return {name: TeamConfig(name=name, **_fields(_table(team, f"teams.{name}"), f"teams.{name}", {
+        "budget_usd": lambda k, v: _number(k, v, minimum=0),
+        "budget_period": _period,
+    })) for name, team in _table(raw, "teams").items()}
 
 
 # -- [metrics] --
@@ -423,14 +588,191 @@ def _metrics(raw: Any) -> MetricsConfig:
                                    {"enabled": _bool, "require_key": _bool, "per_key": _bool}))
 
 
+# -- [slo] --
+
+def _share(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ConfigError(key, v, "a share between 0 and 1 (exclusive), e.g. 0.995")
+    return float(v)
+
+
+def _slo(raw: Any) -> SLOConfig:
+    return SLOConfig(**_fields(_table(raw, "slo"), "slo", {
+        "enabled": _bool,
+        "window_days": lambda k, v: _number(k, v, minimum=1, integer=True),
+        "availability": _share, "latency_objective": _share,
+        "latency_threshold": _positive, "cost_per_request": _positive}))
+
+
+# -- [tracing] --
+
+OTEL_INSTALL = "pip install 'trio-llm-gateway[otel]'"
+
+
+def _ratio(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ConfigError(key, v, "a share between 0 and 1 (inclusive)")
+    return float(v)
+
+
+def _tracing(raw: Any) -> TracingConfig:
+    tracing = TracingConfig(**_fields(_table(raw, "tracing"), "tracing", {
+        "enabled": _bool,
+        "endpoint": _url,
+        "service_name": lambda k, v: _string(k, v),
+        "sample_ratio": _ratio,
+        "queue_size": _count,
+    }))
+    if tracing.enabled:
+        try:  # checked here, before the server binds a port, not at the first request
+            import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+            import opentelemetry.sdk.trace  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("tracing.enabled", True,
+                              f"the OpenTelemetry packages installed ({OTEL_INSTALL}; {e})") from None
+    return tracing
+
+
 # -- [cache] --
 
 def _cache(raw: Any) -> CacheConfig:
-    return CacheConfig(**_fields(_table(raw, "cache"), "cache", {"enabled": _bool}))
+    cache = CacheConfig(**_fields(_table(raw, "cache"), "cache", {
+        "enabled": _bool,
+        "backend": lambda k, v: _string(k, v, check=lambda s: s in CACHE_BACKENDS,
+                                        expected=f"one of {', '.join(CACHE_BACKENDS)}"),
+        "path": lambda k, v: _string(k, v),
+        "url": lambda k, v: _string(k, v, check=lambda s: s.startswith(("redis://", "rediss://", "unix://")),
+                                    expected="a redis:// URL"),
+        "ttl": _positive,
+        "stale_if_error": lambda k, v: _number(k, v, minimum=0),
+        "mode": lambda k, v: _string(k, v, check=lambda s: s in CACHE_MODES,
+                                     expected=f"one of {', '.join(CACHE_MODES)}"),
+        "max_entries": _count,
+        "max_bytes": lambda k, v: _number(k, v, minimum=1024, integer=True),
+        "max_entry_bytes": lambda k, v: _number(k, v, minimum=256, integer=True),
+        "write_queue": _count,
+        "key_prefix": lambda k, v: _string(k, v),
+    }))
+    if cache.backend == "redis" and cache.url is None:
+        raise ConfigError("cache.url", None, 'a redis:// URL (backend = "redis")')
+    if cache.max_entry_bytes > cache.max_bytes:
+        raise ConfigError("cache.max_entry_bytes", cache.max_entry_bytes,
+                          f"at most cache.max_bytes ({cache.max_bytes})")
+    return cache
+
+
+# -- [tiers."NAME"] (cost-aware routing: proxy/routing/tiers.py) --
+
+def _words(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(w, str) and w.strip() for w in v):
+        raise ConfigError(key, v, "a list of non-empty strings")
+    return tuple(v)
+
+
+def _patterns(key: str, v: Any) -> tuple[str, ...]:
+    for i, pattern in enumerate(_words(key, v)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{key}[{i}]", pattern, f"a regular expression ({e})") from None
+    return tuple(v)
+
+
+_TIER_SPEC: dict[str, Callable[[str, Any], Any]] = {
+    "name": lambda k, v: _string(k, v, check=lambda s: s.replace("-", "").replace("_", "").isalnum(),
+                                 expected="a name of letters, digits, '-' and '_'"),
+    "model": lambda k, v: _string(k, v),
+    "max_prompt_tokens": _count,
+    "max_tokens": _count,
+    "tools": _bool,
+    "json_schema": _bool,
+    "images": _bool,
+    "keywords": _words,
+    "patterns": _patterns,
+}
+_LIMITS = ("max_prompt_tokens", "max_tokens", "keywords", "patterns")
+
+
+def _tier_alias(name: str, raw: Any) -> TierAlias:
+    key = f'tiers."{name}"'
+    raw = dict(_table(raw, key))
+    preset = raw.pop("preset", None)
+    renames = raw.pop("models", {})
+    if preset is not None:
+        from proxy.routing.tiers import PRESETS  # the shipped rule sets
+
+        if preset not in PRESETS:
+            raise ConfigError(f"{key}.preset", preset, f"one of {', '.join(PRESETS)}")
+        if "tiers" in raw:
+            raise ConfigError(f"{key}.tiers", raw["tiers"], "no tiers when a preset is named")
+        raw["tiers"] = [dict(t) for t in PRESETS[preset]]
+    values = _fields(raw, key, {"tiers": lambda k, v: v, "encoding": lambda k, v: _string(k, v),
+                                "budget_floor_usd": lambda k, v: _number(k, v, minimum=0)})
+    tiers = values.pop("tiers", None)
+    if not isinstance(tiers, list) or len(tiers) < 2:
+        raise ConfigError(f"{key}.tiers", tiers, "a list of at least two tiers ({name=..., model=...})")
+    renames = _table(renames, f"{key}.models")
+    parsed = []
+    for i, t in enumerate(tiers):
+        tkey = f"{key}.tiers[{i}]"
+        fields = _fields(_table(t, tkey), tkey, _TIER_SPEC)
+        for required in ("name", "model"):
+            if required not in fields:
+                raise ConfigError(f"{tkey}.{required}", None, "a value (this key is required)")
+        if fields["name"] in renames:
+            fields["model"] = _string(f"{key}.models.{fields['name']}", renames[fields["name"]])
+        parsed.append(Tier(**fields))
+    names = [t.name for t in parsed]
+    for tier_name in renames:
+        if tier_name not in names:
+            raise ConfigError(f"{key}.models.{tier_name}", renames[tier_name], f"a tier name ({', '.join(names)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}.tiers", names, "tiers with different names")
+    last = parsed[-1]
+    if any(getattr(last, f) for f in _LIMITS) or not (last.tools and last.json_schema and last.images):
+        raise ConfigError(f"{key}.tiers[{len(parsed) - 1}]", last.name,
+                          "a last tier without limits (it takes whatever the others did not)")
+    return TierAlias(name=name, tiers=tuple(parsed), **values)
+
+
+def _tiers(raw: Any) -> dict[str, TierAlias]:
+    return {name: _tier_alias(name, alias) for name, alias in _table(raw, "tiers").items()}
+
+
+# -- [model_info."<model or glob>"] (prices, context windows, encodings) --
+
+_MODEL_INFO_SPEC: dict[str, Callable[[str, Any], Any]] = {
+    "input_usd_per_mtok": lambda k, v: _number(k, v, minimum=0),
+    "output_usd_per_mtok": lambda k, v: _number(k, v, minimum=0),
+    "cached_input_usd_per_mtok": lambda k, v: _number(k, v, minimum=0),
+    "cache_write_usd_per_mtok": lambda k, v: _number(k, v, minimum=0),
+    "context_window": lambda k, v: _number(k, v, minimum=16, integer=True),
+    "max_output_tokens": _count,
+    "encoding": lambda k, v: _string(k, v, check=lambda s: s in MODEL_ENCODINGS,
+                                     expected=" or ".join(f'"{e}"' for e in MODEL_ENCODINGS)),
+    "token_margin": lambda k, v: _number(k, v, minimum=1),
+}
+
+
+def _model_info(raw: Any) -> tuple[ModelInfoConfig, ...]:
+    out = []
+    for pattern, entry in _table(raw, "model_info").items():
+        key = f'model_info."{pattern}"'
+        values = _fields(_table(entry, key), key, _MODEL_INFO_SPEC)
+        window, cap = values.get("context_window"), values.get("max_output_tokens")
+        if window is not None and cap is not None and cap >= window:
+            raise ConfigError(f"{key}.max_output_tokens", cap, f"less than context_window ({window})")
+        out.append(ModelInfoConfig(pattern=pattern, **values))
+    return tuple(out)
 
 
 # Top-level tables and their parsers, beyond the core ones parsed in parse_config.
-_SECTIONS: dict[str, Callable[[Any], Any]] = {"state": _state, "metrics": _metrics, "cache": _cache}
+_SECTIONS: dict[str, Callable[[Any], Any]] = {"state": _state, "metrics": _metrics, "cache": _cache,
+                                              "tiers": _tiers}
+_SECTIONS.update(budgets=_budgets, teams=_teams)
+_SECTIONS.update(slo=_slo)
+_SECTIONS.update(model_info=_model_info)
+_SECTIONS.update(tracing=_tracing)
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
@@ -439,7 +781,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
     if (server.certfile is None) != (server.keyfile is None):
         raise ConfigError("server.certfile", server.certfile, "certfile and keyfile set together")
     auth_raw = _table(raw.get("auth", {}), "auth")
-    auth = AuthConfig(**_fields(auth_raw, "auth", {"master_key_env": _env_name}))
+    auth = AuthConfig(**_fields(auth_raw, "auth", {"master_key_env": _env_name, "master_key_traffic": _bool}))
     providers = {name: _provider(name, p)
                  for name, p in _table(raw.get("providers", {}), "providers").items()}
     models = tuple(_model(name, m, providers)
@@ -450,6 +792,9 @@ def parse_config(raw: dict[str, Any]) -> Config:
     sections = {name: parse(raw[name]) for name, parse in _SECTIONS.items() if name in raw}
     config = Config(server=server, auth=auth, router=router, providers=providers, models=models, **sections)
     _check_references(models, config)
+    for name, to in config.budgets.downgrade.items():
+        if config.route(to) is None:
+            raise ConfigError(f"budgets.downgrade.{name}", to, "a model name defined under [models]")
     return config
 
 

@@ -31,14 +31,25 @@ async def open_client(url: str, rcvbuf: int | None = 4096) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def settle(read, interval: float = 0.2, rounds: int = 3):
-    """Poll until a counter stops moving (the throttled state), bounded by the caller's timeout."""
-    last, same = -1, 0
+async def settle(read, gateway, interval: float = 0.2, rounds: int = 3):
+    """Poll until a counter stops moving *because* the gateway's one client write stayed blocked
+    all along (the throttled state), bounded by the caller's timeout. A counter that merely stalls
+    (a starved CPU) while writes still complete, or with no write pending, does not count."""
+    last, same, write = -1, 0, None
     while same < rounds:
         await trio.sleep(interval)
-        value = read()
-        same, last = (same + 1, last) if value == last else (0, value)
+        value, began = read(), pending_write(gateway)
+        if value == last and began is not None and began == write:
+            same += 1
+        else:
+            same, last, write = 0, value, began
     return last
+
+
+def pending_write(gateway) -> float | None:
+    """When the open stream's current write to the client began (None: no write pending)."""
+    relays = list(gateway.streams)
+    return relays[0]._write_began if len(relays) == 1 else None
 
 
 async def first_record(fake):
@@ -53,7 +64,7 @@ async def test_a_client_that_stops_reading_throttles_the_provider(start_gateway,
     await client.send_all(raw_request(chat_body(BIG, stream=True)))
     with trio.fail_after(20):
         record = await first_record(fake)
-        sent = await settle(lambda: record.bytes_sent)
+        sent = await settle(lambda: record.bytes_sent, gw.gateway)
     assert 0 < sent < BOUND, sent
     assert not record.completed
     # reading resumes the flow: the provider moves again once the client drains some bytes

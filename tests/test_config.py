@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
 from proxy.server.app import Gateway
 from proxy.config import ConfigError, load_config, parse_config
@@ -82,6 +83,10 @@ def test_exact_names_win_over_globs_then_first_glob_in_file_order(tmp_path):
     ("server.stream_buffer", 0, "server.stream_buffer", "an integer >= 1"),
     ("server.stream_buffer", 1.5, "server.stream_buffer", "an integer"),
     ("server.port", 70000, "server.port", "0..65535"),
+    ("server.header_timeout", 0, "server.header_timeout", "a number >= 0.001"),
+    ("server.body_timeout", "10s", "server.body_timeout", "a number"),
+    ("server.min_body_rate", 0.5, "server.min_body_rate", "an integer >= 1"),
+    ("server.max_connections", 0, "server.max_connections", "an integer >= 1"),
     ("server.certfile", "/no/such/cert.pem", "server.certfile", "readable file"),
     ("server.colour", "blue", "server.colour", "no such key"),
     ("providers.primary.kind", "openia", "providers.primary.kind", "one of openai"),
@@ -132,17 +137,28 @@ def test_cli_fails_at_start_with_the_key_named(tmp_path):
     assert "expected an integer" in result.stderr
 
 
-def test_the_readme_configuration_example_parses(tmp_path):
+async def test_the_readme_configuration_example_parses_and_starts_as_pasted(tmp_path, nursery):
     import re
+    from functools import partial
     from pathlib import Path
 
+    import httpx
+
+    from proxy.config import with_server_overrides
+    from proxy.server.app import Gateway
+    from proxy.server.serve import serve
+
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    for name in ("cert.pem", "key.pem"):  # the example names TLS files: make them exist
-        (tmp_path / name).write_text("placeholder")
-    block = block.replace('"cert.pem"', f'"{tmp_path / "cert.pem"}"').replace('"key.pem"', f'"{tmp_path / "key.pem"}"')
+    reference = readme.split("## Configuration reference", 1)[1]
+    block = re.findall(r"```toml\n(.*?)```", reference, re.S)[0]
     path = tmp_path / "gateway.toml"
-    path.write_text(block)
+    path.write_text(block)  # as pasted: optional lines (TLS files) are commented out
     config = load_config(str(path))
     assert config.route("gpt-4o").fallbacks == ("gpt-4o-mini",)
     assert config.router.ttft_timeout == 2.0
+    keys = re.findall(r'api_key_env = "(\w+)"', block)
+    gateway = Gateway(config, environ={name: "sk-test" for name in keys})
+    config = with_server_overrides(config, {"port": 0})  # 8080 may be taken on a test machine
+    (url,) = await nursery.start(partial(serve, config, gateway, shutdown_trigger=trio.sleep_forever))
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(url + "/healthz")).json()["status"] == "ok"

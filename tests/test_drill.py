@@ -13,7 +13,7 @@ def test_drill_fails_over_holds_the_slo_and_recovers(tmp_path):
          "--concurrency", "8", "--cooldown", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SLO (99.5 % success, p95 <= 2.5 s): HELD" in result.stdout
+    assert "SLO (99.5 % success, p95 <= 2.5 s, failover and recovery seen): HELD" in result.stdout
     report = orjson.loads(out.read_bytes())
     phases = report["phases"]
     assert all(phases[p]["requests"] > 0 and phases[p]["success_pct"] >= 99.5 for p in phases)
@@ -29,6 +29,25 @@ def test_drill_exit_code_is_1_when_the_slo_is_missed(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "MISSED" in result.stdout
+
+
+def test_drill_is_quiet_by_default_and_a_recovery_not_seen_is_a_failed_drill():
+    # A 30 s breaker cooldown outlasts the run: the primary cannot serve again before it ends.
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "drill", "--duration", "3", "--concurrency", "4",
+         "--cooldown", "30"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "time to recover (restoration -> primary serving again): NOT OBSERVED" in result.stdout
+    assert "): MISSED" in result.stdout and "HELD" not in result.stdout
+    assert " INFO " not in result.stderr and " WARNING " not in result.stderr, result.stderr[:2000]
+    assert result.stdout.startswith("drill: model gpt-4o")
+
+
+def test_drill_verbose_shows_the_gateways_log():
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "drill", "-v", "--duration", "1", "--concurrency", "2"],
+        capture_output=True, text=True, timeout=120)
+    assert " INFO proxy." in result.stderr
 
 
 def test_drill_with_a_config_revokes_through_the_fake_providers_control(tmp_path):

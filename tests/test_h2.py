@@ -121,7 +121,7 @@ async def test_h2_client_that_never_opens_its_window_throttles_the_provider(star
         nursery.start_soon(read_but_never_acknowledge)
         with trio.fail_after(20):
             record = await first_record(fake)
-            sent = await settle(lambda: record.bytes_sent)
+            sent = await settle(lambda: record.bytes_sent, gw.gateway)
         assert 0 < sent < BOUND, sent
         assert received <= 65535  # the client's window: all the server may send
         assert not record.completed

@@ -329,7 +329,9 @@ async def test_pinned_model_and_deployment_header(autojump_clock):
                                                       {"provider": "p2", "model": "b"}]},
               "m": {"allow_deployment_header": True, "deployments": [{"provider": "p1", "model": "a"},
                                                                     {"provider": "p2", "model": "b"}]},
-              "closed": {"deployments": [{"provider": "p1", "model": "a"}, {"provider": "p2", "model": "b"}]}}
+              # p2 only after p1: if the header were honoured here, p2 would serve
+              "closed": {"deployments": [{"provider": "p1", "model": "a"},
+                                         {"provider": "p2", "model": "b", "priority": 1}]}}
     up = ScriptedUpstream(p1=[COMPLETION], p2=[err(503)])
     gw = gateway(up, models=models)
     with pytest.raises(UpstreamStatusError):  # pinned: one attempt, no failover
@@ -342,5 +344,33 @@ async def test_pinned_model_and_deployment_header(autojump_clock):
         await gw.complete(request(model="m"), dispatch.Served(requested="nope"))
     served = dispatch.Served(requested="p2/b")  # not allowed on "closed": the header is ignored
     up.behaviours["p2"] = [COMPLETION]
+    up.calls.clear()
     await gw.complete(request(model="closed"), served)
-    assert served.attempts == 1
+    assert served.attempts == 1 and served.deployment == "p1/a"
+    assert [name for _, name in up.calls] == ["p1"]
+
+
+async def test_in_flight_is_counted_without_max_concurrency(autojump_clock):
+    router = Router(routing_config(models={"m": {"deployments": [
+        {"provider": "p1", "model": "a"}, {"provider": "p2", "model": "b", "max_concurrency": 1}]}}),
+        environ={})
+    free, limited = router.states["p1/a"], router.states["p2/b"]
+
+    def in_flight() -> dict[str, int]:
+        return {d["name"]: d["in_flight"] for d in router.snapshot(trio.current_time())["deployments"]}
+
+    assert in_flight() == {"p1/a": 0, "p2/b": 0}
+    for state in (free, free, limited):
+        await router.admit(state)
+    assert in_flight() == {"p1/a": 2, "p2/b": 1}
+
+    async def refused() -> None:  # another request finds the limited one full
+        with pytest.raises(Saturated):
+            await router.admit(limited)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refused)
+    assert in_flight() == {"p1/a": 2, "p2/b": 1}  # a refused admission is not in flight
+    router.release(free)
+    router.release(limited)
+    assert in_flight() == {"p1/a": 1, "p2/b": 0}

@@ -9,12 +9,20 @@ States and rules:
 A deployment may also be *cooling* without being open: a provider's Retry-After longer than we
 are willing to wait marks it unavailable until then, without counting as a breaker failure.
 The window holds at most `window_max` outcomes (bounded memory whatever the traffic).
+Every change of state is logged with its reason (opening at WARNING, the rest at INFO) and told to
+`on_change(name, state)` (metrics keep a gauge per deployment by it).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass
+from typing import Callable
+
+from proxy.core.errors import clip
+
+log = logging.getLogger("proxy.routing.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -30,8 +38,10 @@ class BreakerSettings:
 
 
 class Breaker:
-    def __init__(self, settings: BreakerSettings):
+    def __init__(self, settings: BreakerSettings, name: str = "-"):
         self._s = settings
+        self.name = name  # the deployment's, for the log lines
+        self.on_change: Callable[[str, str], None] | None = None
         self.state = CLOSED
         self.consecutive_failures = 0
         self.opened_at: float | None = None
@@ -55,7 +65,7 @@ class Breaker:
         if not self.available(now):
             return False
         if self.state == OPEN:
-            self.state = HALF_OPEN
+            self._become(HALF_OPEN, "cooldown over: one probe request")
         if self.state == HALF_OPEN:
             self._probe_in_flight = True
         return True
@@ -64,8 +74,9 @@ class Breaker:
         self._record(now, True)
         self.consecutive_failures = 0
         if self.state != CLOSED:
-            self.state, self.opened_at, self.reason = CLOSED, None, ""
+            self.opened_at, self.reason = None, ""
             self._outcomes.clear()
+            self._become(CLOSED, "probe succeeded" if self.state == HALF_OPEN else "a request succeeded")
         self._probe_in_flight = False
 
     def failure(self, now: float, *, fatal: bool = False, reason: str = "") -> None:
@@ -74,8 +85,21 @@ class Breaker:
         self._probe_in_flight = False
         if fatal or self.state == HALF_OPEN or self.consecutive_failures >= self._s.failures \
                 or self._rate_exceeded(now):
-            self.state, self.opened_at = OPEN, now
+            self.opened_at = now
             self.reason = reason or ("fatal error" if fatal else "failures")
+            why = ("probe failed" if self.state == HALF_OPEN else "fatal error" if fatal else
+                   f"{self.consecutive_failures} consecutive failures"
+                   if self.consecutive_failures >= self._s.failures else "failure rate over the window")
+            self._become(OPEN, f"{why}: {self.reason}")
+
+    def _become(self, state: str, why: str) -> None:
+        previous, self.state = self.state, state
+        if previous == state:
+            return
+        log.log(logging.WARNING if state == OPEN else logging.INFO, "breaker %s: %s -> %s (%s)",
+                self.name, previous, state, clip(why, 300))
+        if self.on_change is not None:
+            self.on_change(self.name, state)
 
     def release(self) -> None:
         """The request ended without an outcome for the deployment (e.g. the client left)."""

@@ -19,12 +19,13 @@ switch — a failure ends the stream with an error event, as the relay does.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
 
-from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout
+from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout, clip
 from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest
 from proxy.formats import ProviderAdapter
@@ -46,9 +47,12 @@ class Served:
     attempts: int = 0
     fallback: bool = False
     committed: bool = False       # the first token went to the client: no more failover
-    # Every attempt as (deployment, outcome): "ok", the error's code or type, or "cancelled".
-    # Read after the request (metrics); the failover loop itself never looks at it.
-    tried: list[tuple[str, str]] = field(default_factory=list)
+    # Every attempt as (deployment, outcome, started, ended): outcome "ok", the error's code or
+    # type, or "cancelled"; started/ended are time.perf_counter() (admission wait included).
+    # Read after the request (metrics, traces); the failover loop itself never looks at it.
+    tried: list[tuple[str, str, float, float]] = field(default_factory=list)
+    # Seconds spent waiting for a deployment's max_concurrency slot (None: no attempt had one).
+    queue_wait: float | None = None
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-gateway-deployment", self.deployment.encode()),
@@ -189,7 +193,8 @@ class Failover:
         if last_error is not None:
             raise last_error
         wait, cooling_only = router.unavailable_for(models, trio.current_time())
-        raise NoHealthyDeployment(f"no deployment of model '{route.name}' (or its fallbacks) is available: "
+        # The model the client asked for, not the route's glob: "gpt-4o", not "*".
+        raise NoHealthyDeployment(f"no deployment of model '{clip(requested)}' (or its fallbacks) is available: "
                                   + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
                                   retry_after=wait, rate_limited=cooling_only)
 
@@ -204,7 +209,14 @@ class Failover:
         model = state.deployment.model or requested
         served.attempts += 1
         served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
-        await router.admit(state)
+        started = waited_from = time.perf_counter()
+        if state.limiter is None:
+            await router.admit(state)
+        else:  # admission control: how long the wait was is a metric (gateway_queue_wait_seconds)
+            try:
+                await router.admit(state)
+            finally:
+                served.queue_wait = (served.queue_wait or 0.0) + time.perf_counter() - waited_from
         state.requests += 1
         if gate and not state.breaker.acquire(trio.current_time()):
             router.release(state)
@@ -213,14 +225,14 @@ class Failover:
         try:
             result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
             outcome = True
-            served.tried.append((state.name, "ok"))
+            served.tried.append((state.name, "ok", started, time.perf_counter()))
             state.successes += 1
             if track:
                 state.breaker.success(trio.current_time())
             return result
         except GatewayError as error:
             outcome = True
-            served.tried.append((state.name, error.code or error.type))
+            served.tried.append((state.name, error.code or error.type, started, time.perf_counter()))
             state.failures += 1
             state.last_error = f"{error.code or error.type}: {error.message}"[:300]
             action = classify(error)
@@ -232,7 +244,7 @@ class Failover:
             raise
         finally:
             if not outcome:
-                served.tried.append((state.name, "cancelled"))
+                served.tried.append((state.name, "cancelled", started, time.perf_counter()))
                 if track:
                     state.breaker.release()  # cancelled (client left): no verdict on the deployment
             router.release(state)

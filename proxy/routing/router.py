@@ -38,6 +38,7 @@ class DeploymentState:
     deployment: Deployment
     breaker: Breaker
     limiter: trio.CapacityLimiter | None
+    in_flight: int = 0  # admitted and not yet released, whether or not max_concurrency is set
     requests: int = 0
     successes: int = 0
     failures: int = 0
@@ -54,7 +55,7 @@ class DeploymentState:
             "model": self.deployment.model or "*",
             "weight": self.deployment.weight,
             "priority": self.deployment.priority,
-            "in_flight": self.limiter.borrowed_tokens if self.limiter else None,
+            "in_flight": self.in_flight,
             "max_concurrency": self.deployment.max_concurrency,
             "requests": self.requests,
             "successes": self.successes,
@@ -80,7 +81,7 @@ class Router:
             for d in route.deployments:
                 if d.name not in self.states:
                     limiter = trio.CapacityLimiter(d.max_concurrency) if d.max_concurrency else None
-                    self.states[d.name] = DeploymentState(d, Breaker(breaker), limiter)
+                    self.states[d.name] = DeploymentState(d, Breaker(breaker, d.name), limiter)
 
     def check_model(self, model: str) -> ModelRoute:
         route = self._config.route(model)
@@ -153,14 +154,17 @@ class Router:
     async def admit(self, state: DeploymentState) -> None:
         """Take a slot of the deployment's max_concurrency, waiting at most queue_timeout."""
         if state.limiter is None:
+            state.in_flight += 1
             return
         with trio.move_on_after(self.settings.queue_timeout):
             await state.limiter.acquire()
+            state.in_flight += 1
             return
         raise Saturated(f"deployment {state.name} is at its max_concurrency "
                         f"({state.deployment.max_concurrency}); retry shortly")
 
     def release(self, state: DeploymentState) -> None:
+        state.in_flight -= 1
         if state.limiter is not None:
             state.limiter.release()
 

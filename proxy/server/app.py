@@ -20,10 +20,16 @@ from typing import Any, Awaitable, Callable, Mapping
 import orjson
 import trio
 
+from proxy import observability
+from proxy.cache.policy import ResponseCache, admin_statistics
+from proxy.routing.tiers import TierPolicy
+from proxy.accounting.policy import AccountingPolicy
 from proxy.config import Config, check_environment
-from proxy.core.errors import (MAX_MESSAGE, AuthenticationFailed, Forbidden, GatewayError, InvalidRequest,
+from proxy.core.errors import (MAX_MESSAGE, AdminOnly, AuthenticationFailed, Forbidden, GatewayError, InvalidRequest,
                                MethodNotAllowed, NotFound, clip)
 from proxy.formats import make_adapter
+from proxy.keys.admin import KeysAdmin
+from proxy.keys.policy import KeysPolicy
 from proxy.formats.chat_api import ChatAPI
 from proxy.formats.messages_api import MessagesAPI
 from proxy.routing.failover import Failover
@@ -49,9 +55,12 @@ class Route:
 
 
 class Gateway:
-    def __init__(self, config: Config, environ: Mapping[str, str] = os.environ):
+    def __init__(self, config: Config, environ: Mapping[str, str] = os.environ, *, demo: bool = False):
         check_environment(config, environ)
         self.config = config
+        # Demo mode (`serve --demo`): no master key, yet /admin/* and the dashboard answer clients
+        # on loopback, so the demo shows everything the gateway has (never on another interface).
+        self.demo = demo
         env = config.auth.master_key_env
         self._master_key = (environ.get(env) or None) if env else None
         self.router = Router(config, environ=environ)
@@ -65,6 +74,15 @@ class Gateway:
         self._idle.set()
         # Per-request policies (keys, limits, cache, metrics ...): beside routing, see exchange.py.
         self.policies = Policies()
+        self.keys = KeysPolicy(config) if config.state.enabled else None  # virtual keys, limits: proxy/keys/
+        if self.keys is not None:
+            self.policies.add(self.keys, Policies.KEYS)
+        self.policies.add(AccountingPolicy(config), 15)  # tokens, context window, cost: proxy/accounting/
+        if config.tiers:  # cost-aware routing: model aliases sorted into tiers (proxy/routing/tiers.py)
+            self.policies.add(TierPolicy(config), Policies.TIERS)
+        self.cache = ResponseCache(config.cache) if config.cache.enabled else None  # proxy/cache/
+        if self.cache is not None:
+            self.policies.add(self.cache, Policies.CACHE)
         failover = Failover(self.router, self.upstream, self.adapters, config.server.max_event_bytes)
         chat, messages = ChatEndpoint(ChatAPI(), failover, self.streams, self.policies), \
             ChatEndpoint(MessagesAPI(), failover, self.streams, self.policies)
@@ -79,6 +97,16 @@ class Gateway:
             "/admin/bypass": Route({"POST": self._admin_bypass}, auth="admin"),
         }
         self._prefixes: list[str] = []
+        if self.cache is not None:
+            cache = self.cache
+            self.add_route("/admin/cache", Route({"GET": lambda x, *_: admin_statistics(cache, x, _[-1])},
+                                                 auth="admin", body=False))
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []  # at lifespan shutdown, after the drain
+        if self.keys is not None:
+            for path, methods in KeysAdmin(self.keys).routes().items():
+                self.add_route(path, Route(methods, auth="admin", body=set(methods) != {"GET"}))
+            self.on_shutdown.append(self.keys.aclose)
+        observability.install(self)  # /metrics, /admin/slo, /dashboard and their policies
 
     def add_route(self, path: str, route: Route) -> None:
         """Register an endpoint; a path ending in "/" also serves everything below it
@@ -117,7 +145,10 @@ class Gateway:
         headers = dict(scope["headers"])
         rid = request_id(headers.get(b"x-request-id"))
         request_id_var.set(rid)
-        x = Exchange(rid, scope["path"], OPEN, started, response_headers=[(b"x-request-id", rid.encode())])
+        x = Exchange(rid, scope["path"], OPEN, started, headers=headers,
+                     response_headers=[(b"x-request-id", rid.encode())])
+        if scope.get("query_string"):
+            x.notes["query"] = scope["query_string"]  # e.g. /admin/spend?group_by=team
         try:
             if route is None:
                 raise NotFound(f"Unknown path: {scope['path']}")
@@ -126,11 +157,11 @@ class Gateway:
                 allow = ", ".join(route.methods)
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']} (use {allow})",
                                        allow=allow)
-            if route.auth == "admin" and self._master_key is None:
+            if route.auth == "admin" and self._master_key is None and not (self.demo and _loopback(scope)):
                 raise Forbidden("admin endpoints need a master key: set the variable named by "
                                 "[auth] master_key_env")
             if route.auth != "none":
-                x.principal = self._authenticate(headers, route.api_key_header)
+                x.principal = self._authenticate(headers, route)
             body = await read_body(headers, receive, self.config.server.max_body_bytes) if route.body else b""
             await handler(x, body, headers, receive, send)
         except ClientGone:
@@ -151,9 +182,16 @@ class Gateway:
         finally:
             self.policies.settle(x)
 
-    def _authenticate(self, headers: Mapping[bytes, bytes], api_key_header: bytes | None) -> Principal:
-        if self._master_key is None:
+    def is_master_key(self, token: bytes) -> bool:
+        """Whether `token` is the master key (constant time); False when none is set."""
+        return self._master_key is not None and hmac.compare_digest(token, self._master_key.encode())
+
+    def _authenticate(self, headers: Mapping[bytes, bytes], route: Route) -> Principal:
+        """The master key (admin, and traffic unless [auth] master_key_traffic = false), or with
+        [state] a virtual key (proxy/keys: 401 unknown/expired/revoked, 403 admin_only on /admin/*)."""
+        if self._master_key is None and self.keys is None:
             return OPEN
+        api_key_header = route.api_key_header
         given = headers.get(b"authorization", b"")
         api_key = headers.get(api_key_header, b"") if api_key_header else b""
         scheme, _, token = given.partition(b" ")
@@ -162,9 +200,18 @@ class Gateway:
         if scheme.lower() != b"bearer" or not token:
             also = f" or '{api_key_header.decode()}: <key>'" if api_key_header else ""
             raise AuthenticationFailed(f"Missing API key: send 'Authorization: Bearer <key>'{also}.")
-        if not hmac.compare_digest(token.strip(), self._master_key.encode()):
+        token = token.strip()
+        if self._master_key is not None and hmac.compare_digest(token, self._master_key.encode()):
+            if route.auth == "client" and self.keys is not None and not self.config.auth.master_key_traffic:
+                raise Forbidden("the master key administers only ([auth] master_key_traffic = false): "
+                                "call models with a virtual key")
+            return MASTER
+        if self.keys is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return MASTER
+        principal = self.keys.authenticate(token)
+        if route.auth == "admin":
+            raise AdminOnly("admin endpoints take the master key only, not a virtual key")
+        return principal
 
     async def _admin_routing(self, x: Exchange, body: bytes, headers: Mapping[bytes, bytes], receive: Receive,
                              send: Send) -> None:
@@ -218,8 +265,18 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.keys is not None:
+                    await self.keys.open()  # in each worker, after the fork: the store's connection
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.upstream.aclose()
+                for close in self.on_shutdown:
+                    await close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _loopback(scope: dict[str, Any]) -> bool:
+    client = scope.get("client")
+    host = client[0] if client else ""
+    return host.startswith("127.") or host == "::1"

@@ -26,7 +26,7 @@ import contextvars
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 from proxy.core.errors import GatewayError
 from proxy.core.events import Chunk
@@ -82,6 +82,7 @@ class Exchange:
     principal: Principal
     started: float                  # time.perf_counter() at arrival
     endpoint: str = "-"             # "chat", "messages", "embeddings", "admin", ...
+    headers: Mapping[bytes, bytes] = field(default_factory=dict)  # the request's (lower-case names)
     model: str = "-"                # the model the client asked for (before any tier rewrite)
     stream: bool = False
     # Sent on every response of this request, errors included (x-request-id first).

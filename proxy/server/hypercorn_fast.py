@@ -8,7 +8,7 @@ Why: on hypercorn 0.18 every ASGI `http.response.body` send walks
        memoryview, _try_sync) -> socket.send
 which profiled at ~40 us of CPU per event over a raw trio `send_all` of the same bytes.
 
-What this patch changes (two methods, plus one optional read-side tweak):
+What this patch changes (two methods):
 
 1. `HTTPStream.app_send`: a non-final `http.response.body` message (more_body=True) on an HTTP/1.1
    stream whose h11 connection is in SEND_BODY with chunked framing is framed here as
@@ -32,9 +32,8 @@ What this patch changes (two methods, plus one optional read-side tweak):
    still becomes `protocol.handle(Closed())` (-> http.disconnect to the app, later sends succeed
    silently), like the stock `except (BrokenResourceError, ClosedResourceError)`.
 
-3. `TCPServer._read_data`: with `read_timeout=None` (the setting SSE needs) it no longer wraps
-   each receive in `trio.fail_after(inf)` (a CancelScope + generator context manager that can
-   never fire); ~1.1 KB less per held connection. With a read_timeout set, stock behaviour.
+The read side (`TCPServer._read_data`, with its request head and body deadlines and no
+`fail_after(inf)` per read) is `proxy/server/connections.py`.
 
 apply() refuses any hypercorn other than 0.18.x and checks the trio/h11 internals it relies on
 (h11's `Connection._writer` and `h11._writers.ChunkedWriter`: the one private piece, a type
@@ -58,7 +57,6 @@ SUPPORTED = ("0.18.",)
 
 _original_app_send = _hs.HTTPStream.app_send
 _original_protocol_send = _ts.TCPServer.protocol_send
-_original_read_data = _ts.TCPServer._read_data
 
 _RESPONSE = _hs.ASGIHTTPState.RESPONSE
 _SEND_BODY = h11.SEND_BODY
@@ -119,21 +117,6 @@ async def _protocol_send(self: _ts.TCPServer, event) -> None:
         lock.release()
 
 
-async def _read_data(self: _ts.TCPServer) -> None:
-    if self.config.read_timeout:
-        return await _original_read_data(self)
-    stream = self.stream
-    while True:
-        try:
-            data = await stream.receive_some(_ts.MAX_RECV)
-        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-            break
-        else:
-            await self.protocol.handle(RawData(bytes(data)))
-            if data == b"":
-                break
-    await self.protocol.handle(Closed())
-
 
 def _check_internals() -> None:
     if not hasattr(h11.Connection(h11.SERVER), "_writer"):
@@ -142,9 +125,9 @@ def _check_internals() -> None:
         raise RuntimeError("hypercorn TCPServer changed")
 
 
-def apply(body: bool = True, write: bool = True, read_side: bool = True) -> None:
-    """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send;
-    read_side: no fail_after(inf) per read. All on by default (the parts are for measurement)."""
+def apply(body: bool = True, write: bool = True) -> None:
+    """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send.
+    Both on by default (the parts are for measurement)."""
     global _applied
     installed = version("hypercorn")
     if not installed.startswith(SUPPORTED):
@@ -158,8 +141,6 @@ def apply(body: bool = True, write: bool = True, read_side: bool = True) -> None
         _hs.HTTPStream.app_send = _app_send
     if write:
         _ts.TCPServer.protocol_send = _protocol_send
-    if read_side:
-        _ts.TCPServer._read_data = _read_data
     _applied = True
 
 
@@ -167,7 +148,6 @@ def revert() -> None:
     global _applied
     _hs.HTTPStream.app_send = _original_app_send
     _ts.TCPServer.protocol_send = _original_protocol_send
-    _ts.TCPServer._read_data = _original_read_data
     _applied = False
 
 

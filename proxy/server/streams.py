@@ -6,7 +6,7 @@ with the pump settings of `[server]`. The endpoints get this object, never the w
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from proxy.config import ServerConfig
 from proxy.core.errors import GatewayError
@@ -19,9 +19,13 @@ class Streams:
     def __init__(self, server: ServerConfig):
         self._server = server
         self._open: set[Relay] = set()
+        self.ended = 0  # streams that ended since start (proxy/server/serve.py returns memory by it)
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def __iter__(self) -> Iterator[Relay]:
+        return iter(list(self._open))
 
     async def relay(self, send: Send, receive: Receive, produce: Producer, *,
                     headers: Callable[[], Headers], done: Callable[[Relay], None],
@@ -39,6 +43,7 @@ class Streams:
             await relay.run(produce)
         finally:
             self._open.discard(relay)
+            self.ended += 1
             done(relay)
 
     def abort_all(self, error: GatewayError) -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from proxy.server.app import Gateway
-from proxy.config import parse_config
+from proxy.config import Config, parse_config
 from proxy.testing.fake import FakeProvider, FakeSettings
 from proxy.server.serve import serve
 
@@ -55,16 +55,20 @@ def start_gateway(nursery, fake):
 
     async def start(*, master_key: str | None = MASTER_KEY, provider_port: int | None = None,
                     **overrides: Any) -> Running:
-        config = config_for(provider_port or fake.port, **overrides)
-        environ = {"TEST_PROVIDER_KEY": PROVIDER_KEY}
-        if master_key:
-            environ["TEST_MASTER_KEY"] = master_key
-        gateway = Gateway(config, environ)
-        stop = trio.Event()
-        binds = await nursery.start(partial(serve, config, gateway, shutdown_trigger=stop.wait))
-        return Running(binds[0], gateway, stop)
+        return await run_gateway(nursery, config_for(provider_port or fake.port, **overrides), master_key)
 
     return start
+
+
+async def run_gateway(nursery, config: Config, master_key: str | None = MASTER_KEY) -> Running:
+    """A gateway serving `config` on its port (0: a free one) until `.stop` is set."""
+    environ = {"TEST_PROVIDER_KEY": PROVIDER_KEY}
+    if master_key:
+        environ["TEST_MASTER_KEY"] = master_key
+    gateway = Gateway(config, environ)
+    stop = trio.Event()
+    binds = await nursery.start(partial(serve, config, gateway, shutdown_trigger=stop.wait))
+    return Running(binds[0], gateway, stop)
 
 
 @pytest.fixture

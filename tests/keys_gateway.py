@@ -6,17 +6,13 @@ provider behind it, and helpers to make keys through the admin API.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import httpx
 import pytest
-import trio
 
 from proxy.config import parse_config
-from proxy.server.app import Gateway
-from proxy.server.serve import serve
-from tests.conftest import MASTER_KEY, PROVIDER_KEY, Running
+from tests.conftest import MASTER_KEY, Running, run_gateway
 
 # $10 / $30 per million tokens: one fake answer (8 tokens out, ~10 in) costs about $0.00034.
 PRICED = {"gpt-4o": {"input_usd_per_mtok": 10.0, "output_usd_per_mtok": 30.0, "max_output_tokens": 100},
@@ -51,13 +47,7 @@ def keys_gateway(nursery, fake, tmp_path):
     async def start(*, state: dict[str, Any] | None = None, master_key: str | None = MASTER_KEY,
                     **sections: Any) -> Running:
         config = keys_config(fake.port, {"path": str(tmp_path / "gateway.db"), **(state or {})}, **sections)
-        environ = {"TEST_PROVIDER_KEY": PROVIDER_KEY}
-        if master_key:
-            environ["TEST_MASTER_KEY"] = master_key
-        gateway = Gateway(config, environ)
-        stop = trio.Event()
-        binds = await nursery.start(partial(serve, config, gateway, shutdown_trigger=stop.wait))
-        return Running(binds[0], gateway, stop)
+        return await run_gateway(nursery, config, master_key)
 
     return start
 

@@ -64,7 +64,7 @@ class ChatEndpoint:
         request = self.api.parse(body, headers)
         x.model, x.stream = request.model, request.stream
         requested = headers.get(b"x-gateway-deployment")
-        x.served = served = Served(requested=requested.decode("latin-1") if requested is not None else None)
+        x.served = Served(requested=requested.decode("latin-1") if requested is not None else None)
         x.usage = usage = Usage()
         await self._policies.admit(x, request)  # may rewrite request.model (a tier), or answer
         if x.answer is None:

@@ -238,3 +238,22 @@ def test_downgrade_needs_a_table_of_known_models(tmp_path):
         with pytest.raises(ConfigError) as failed:
             keys_config(9, {"path": str(tmp_path / "x.db")}, budgets=budgets)
         assert failed.value.key == key
+
+
+async def test_the_cost_tiers_budget_floor_sees_the_keys_remaining_budget(keys_gateway, http):
+    """Tiers run before keys: the floor reads the budget the key had left after its last request."""
+    gw = await keys_gateway(tiers={"auto": {"preset": "gpt", "budget_floor_usd": 0.0099}})
+    key = await create_key(http, gw.url, budget_usd=0.01, budget_period="total")
+
+    async def ask() -> str:
+        response = await http.post(gw.url + "/v1/chat/completions", headers=bearer(key["key"]),
+                                   json=chat_body("Prove it", model="auto", max_tokens=MAX_TOKENS))
+        assert response.status_code == 200, response.text
+        return response.headers["x-gateway-route"]
+
+    assert await ask() == "tier=strong reason=keyword:prove"  # nothing known of the key yet
+    with trio.fail_after(10):
+        while (left := gw.gateway.keys.last_remaining(gw.gateway.keys.authenticate(key["key"].encode()))) is None:
+            await trio.sleep(0.01)
+    assert 0.009 < left < 0.0099  # $0.01 less the first answer's cost
+    assert await ask() == "tier=cheap reason=budget<0.0099"

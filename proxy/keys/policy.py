@@ -49,6 +49,7 @@ log = logging.getLogger("proxy.keys")
 
 DEFAULT_OUTPUT_TOKENS = 4096   # tokens reserved against tpm when neither the request nor the model caps output
 MASTER_ID = "master"           # the master key's spend is recorded under this key id
+MAX_REMEMBERED = 100_000       # keys whose last remaining budget is kept for the cost tiers
 
 
 def make_store(config: Config) -> Store:
@@ -90,6 +91,9 @@ class KeysPolicy:
         self.leases: Leases | None = None
         self._lease_scope: trio.CancelScope | None = None
         self._answered_at = -1e9  # monotonic: the store's last answer to the refresh
+        # Each key's budget left after its last settled request: what the cost-tier router (which
+        # runs before this policy) reads for its budget floor. Bounded: cleared when it is full.
+        self._remaining: dict[str, float] = {}
 
     # -- life: open at the gateway's startup, in each worker (after the fork) --
 
@@ -325,6 +329,10 @@ class KeysPolicy:
         else:  # ChatRequest is frozen for everyone downstream; this is the one rewrite keys make
             object.__setattr__(request, "model", model)
 
+    def last_remaining(self, principal: Principal) -> float | None:
+        """The key's budget left after its last request in this process (None: not known yet)."""
+        return self._remaining.get(principal.key_id) if principal.key_id is not None else None
+
     def settle(self, x: Exchange) -> None:
         note = x.notes.get("keys")
         if note is None:
@@ -344,6 +352,10 @@ class KeysPolicy:
         x.cost_usd = cost
         if "budget_remaining_usd" in note:
             note["budget_remaining_usd"] += note.get("reserved_usd", 0.0) - cost
+            if principal.key_id is not None:
+                if len(self._remaining) >= MAX_REMEMBERED and principal.key_id not in self._remaining:
+                    self._remaining.clear()
+                self._remaining[principal.key_id] = note["budget_remaining_usd"]
         ticket: Ticket | None = note.get("lease")
         leases: tuple[str, ...] = ()
         window = None

@@ -21,21 +21,22 @@ e.g. `tokens<500`; a later tier: why the tier before did not, e.g. `tools`, `tok
 metrics. `classify` is a pure function of the request's `Features`: testable offline.
 
 Order: this policy runs first (proxy/server/exchange.py), before the keys policy has looked at the
-key, so a key's remaining budget is known here only if a policy before this one put it in
-x.notes["keys"]["budget_remaining_usd"]; otherwise the budget rule does not apply.
+key: the budget rule reads the key's budget left after its previous request (`budget_of`, the
+keys policy's `last_remaining`; unknown for a key's first request in a process, which then goes
+by the other rules).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from proxy.accounting.tokens import count_once
 from proxy.config import Config, TierAlias, Tier
 from proxy.core.errors import ConfigError
 from proxy.core.request import ChatRequest
-from proxy.server.exchange import Exchange
+from proxy.server.exchange import Exchange, Principal
 
 # Words that mean "think hard": the shipped presets send them past the cheapest tier.
 REASONING = ["prove", "proof", "derive", "step by step", "analyze", "analyse", "analysis", "debug",
@@ -155,7 +156,8 @@ def _word_pattern(words: tuple[str, ...]) -> re.Pattern | None:
 class TierPolicy:
     """The policy (Policies.TIERS): requests for an alias get their tier's model group."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, budget_of: Callable[[Principal], float | None] | None = None):
+        self._budget_of = budget_of
         self._classifiers = {name: Classifier(alias) for name, alias in config.tiers.items()}
         for name, alias in config.tiers.items():
             key = f'tiers."{name}"'
@@ -176,7 +178,7 @@ class TierPolicy:
         if classifier is None or not isinstance(request, ChatRequest):
             return
         tokens = (await count_once(x.notes, request, classifier.alias.encoding)).total
-        budget = (x.notes.get("keys") or {}).get("budget_remaining_usd")
+        budget = self._budget_of(x.principal) if self._budget_of is not None else None
         tier, reason = classifier.classify(features(request.body, tokens, budget))
         # ChatRequest is frozen for everyone downstream; the routed model is the one rewrite the
         # seam allows, made before any other policy or the router reads it.

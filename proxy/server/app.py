@@ -79,7 +79,8 @@ class Gateway:
             self.policies.add(self.keys, Policies.KEYS)
         self.policies.add(AccountingPolicy(config), 15)  # tokens, context window, cost: proxy/accounting/
         if config.tiers:  # cost-aware routing: model aliases sorted into tiers (proxy/routing/tiers.py)
-            self.policies.add(TierPolicy(config), Policies.TIERS)
+            budget_of = self.keys.last_remaining if self.keys is not None else None  # the budget floor
+            self.policies.add(TierPolicy(config, budget_of), Policies.TIERS)
         self.cache = ResponseCache(config.cache) if config.cache.enabled else None  # proxy/cache/
         if self.cache is not None:
             self.policies.add(self.cache, Policies.CACHE)

@@ -31,9 +31,11 @@ class Running:
 
 
 def config_for(provider_port: int, *, server: dict[str, Any] | None = None,
-               provider: dict[str, Any] | None = None, models: dict[str, Any] | None = None):
+               provider: dict[str, Any] | None = None, models: dict[str, Any] | None = None,
+               router: dict[str, Any] | None = None):
     return parse_config({
         "server": {"host": "127.0.0.1", "port": 0, **(server or {})},
+        "router": router or {},
         "auth": {"master_key_env": "TEST_MASTER_KEY"},
         "providers": {"fake": {"kind": "openai", "base_url": f"http://127.0.0.1:{provider_port}/v1",
                                "api_key_env": "TEST_PROVIDER_KEY", **(provider or {})}},

@@ -193,3 +193,26 @@ async def test_a_burst_of_503s_on_half_the_primarys_requests_never_reaches_clien
     assert len(results) == 40 and "2" in results  # some needed their retry, none failed
     failed = sum(r.status == 503 for r in pair.primary.records)
     assert failed >= 10
+
+
+async def test_a_full_provider_is_waited_for_at_most_queue_timeout_then_429(start_gateway, http):
+    """A provider's max_concurrency is admission control like a deployment's: bounded by
+    queue_timeout, a 429 gateway_saturated (no breaker failure), never a silent queue."""
+    running = await start_gateway(provider={"max_concurrency": 1}, router={"queue_timeout": 0.2})
+    slow = {"model": "gpt-4o", "messages": [{"role": "user", "content": 'fake: {"ttft": 1.0, "tokens": 2}'}]}
+    statuses: list[int] = []
+    bodies: list[dict] = []
+
+    async def ask():
+        response = await http.post(running.v1 + "/chat/completions", json=slow)
+        statuses.append(response.status_code)
+        bodies.append(response.json())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(0.1)  # the first holds the provider's one slot for ~1 s
+        nursery.start_soon(ask)
+    assert statuses == [429, 200]
+    assert bodies[0]["error"]["code"] == "gateway_saturated" and "provider fake" in bodies[0]["error"]["message"]
+    routing = (await http.get(running.url + "/admin/routing")).json()
+    assert [(d["state"], d["consecutive_failures"]) for d in routing["deployments"]] == [("closed", 0)] * 2

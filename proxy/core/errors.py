@@ -226,7 +226,8 @@ class ShuttingDown(GatewayError):
 
 
 class Saturated(GatewayError):
-    """A deployment's own max_concurrency stayed full for queue_timeout (our admission control)."""
+    """A deployment's or a provider's max_concurrency stayed full for queue_timeout (our admission
+    control)."""
 
     status = 429
     type = "rate_limit_error"

@@ -64,7 +64,7 @@ class Gateway:
         env = config.auth.master_key_env
         self._master_key = (environ.get(env) or None) if env else None
         self.router = Router(config, environ=environ)
-        self.upstream = Upstream(config.providers)
+        self.upstream = Upstream(config.providers, queue_timeout=config.router.queue_timeout)
         self.adapters = {name: make_adapter(p, environ.get(p.api_key_env) if p.api_key_env else None)
                          for name, p in config.providers.items()}
         self.streams = Streams(config.server)  # open streams: drained on shutdown, counted

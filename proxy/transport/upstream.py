@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from proxy.config import ProviderConfig
-from proxy.core.errors import FirstTokenTimeout, UpstreamError, UpstreamTimeout
+from proxy.core.errors import FirstTokenTimeout, Saturated, UpstreamError, UpstreamTimeout
 from proxy.formats import ProviderAdapter, WireRequest
 from proxy.transport.pool import ResponseStream, SocketPoolTransport
 
@@ -54,12 +54,17 @@ def _translate(error: Exception, provider: str) -> Exception:
 class _Slot:
     """`async with limiter`, without its scheduler round trip when a slot is free: the request's
     socket operations yield anyway, and under load every round trip on the way to a new stream's
-    first token is a turn of every other stream."""
+    first token is a turn of every other stream. A full provider is waited for at most
+    `queue_timeout` (as a full deployment is, router.admit): then Saturated, and the failover
+    moves on to another deployment, or the client gets 429 gateway_saturated — never a silent
+    queue as long as the request's whole time."""
 
-    __slots__ = ("_limiter",)
+    __slots__ = ("_limiter", "_name", "_queue_timeout")
 
-    def __init__(self, limiter: trio.CapacityLimiter):
+    def __init__(self, limiter: trio.CapacityLimiter, name: str, queue_timeout: float):
         self._limiter = limiter
+        self._name = name
+        self._queue_timeout = queue_timeout
 
     async def __aenter__(self) -> None:
         try:
@@ -67,16 +72,22 @@ class _Slot:
             return
         except trio.WouldBlock:
             pass
-        await self._limiter.acquire()  # full: wait (outside the handler)
+        with trio.move_on_after(self._queue_timeout):  # full: wait (outside the handler), bounded
+            await self._limiter.acquire()
+            return
+        raise Saturated(f"provider {self._name} is at its max_concurrency ({self._limiter.total_tokens}); "
+                        "retry shortly")
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._limiter.release()
 
 
 class Upstream:
-    def __init__(self, providers: dict[str, ProviderConfig], transport: SocketPoolTransport | None = None):
+    def __init__(self, providers: dict[str, ProviderConfig], transport: SocketPoolTransport | None = None,
+                 *, queue_timeout: float = 1.0):
         self._configs = providers
-        self._slots = {name: _Slot(trio.CapacityLimiter(p.max_concurrency)) for name, p in providers.items()}
+        self._slots = {name: _Slot(trio.CapacityLimiter(p.max_concurrency), name, queue_timeout)
+                       for name, p in providers.items()}
         self.transport = transport or SocketPoolTransport(keepalive_expiry=30.0)
 
     async def aclose(self) -> None:

@@ -50,6 +50,16 @@ class ClientFormat(Protocol):
     def error_event(self, error: GatewayError) -> bytes: ...
 
 
+def response_headers(x: Exchange) -> list[tuple[bytes, bytes]]:
+    """The headers of a successful answer: the request's own (x-request-id, the policies'), who
+    served it (unless a cache entry did), and the cache's verdict. For a stream this runs when the
+    response starts: routing (and a stale answer) may still be deciding until then."""
+    out = x.response_headers + x.served.headers() if x.answer is None else list(x.response_headers)
+    if x.cache is not None:
+        out.append((b"x-gateway-cache", x.cache.encode()))
+    return out
+
+
 class ChatEndpoint:
     def __init__(self, api: ClientFormat, failover: Failover, streams: Streams, policies: Policies):
         self.api = api
@@ -79,7 +89,7 @@ class ChatEndpoint:
             raise
         x.completion = completion
         usage.update(completion.get("usage"))
-        await send_json(send, 200, self.api.completion(completion, request), self._headers(x))
+        await send_json(send, 200, self.api.completion(completion, request), response_headers(x))
         self._done(x, request, "ok")
 
     async def _complete(self, x: Exchange, request: ChatRequest) -> dict[str, Any]:
@@ -123,16 +133,8 @@ class ChatEndpoint:
         def done(relay: Relay) -> None:
             self._done(x, request, relay.outcome, relay.bytes_written)
 
-        await self._streams.relay(send, receive, produce, headers=lambda: self._headers(x), done=done,
+        await self._streams.relay(send, receive, produce, headers=lambda: response_headers(x), done=done,
                                   error_event=self.api.error_event)
-
-    @staticmethod
-    def _headers(x: Exchange) -> list[tuple[bytes, bytes]]:
-        """Evaluated when the response starts: routing (and a stale answer) may still be deciding."""
-        out = x.response_headers + x.served.headers() if x.answer is None else list(x.response_headers)
-        if x.cache is not None:
-            out.append((b"x-gateway-cache", x.cache.encode()))
-        return out
 
     def _done(self, x: Exchange, request: ChatRequest, outcome: str, bytes_out: int | None = None) -> None:
         x.outcome = outcome
@@ -170,10 +172,7 @@ class EmbeddingsEndpoint:
         x.completion = result
         x.usage.update(result.get("usage"))
         x.outcome = "ok"
-        headers_out = list(x.response_headers) if x.answer is not None else x.response_headers + served.headers()
-        if x.cache is not None:
-            headers_out.append((b"x-gateway-cache", x.cache.encode()))
-        await send_json(send, 200, result, headers_out)
+        await send_json(send, 200, result, response_headers(x))
         self._policies.settle(x)
         self._log.info("embeddings model=%s deployment=%s/%s inputs=%d prompt_tokens=%s ms=%.1f",
                        x.model, served.provider, served.model, len(result.get("data") or ()),

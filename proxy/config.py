@@ -210,6 +210,7 @@ class TracingConfig:
 
 CACHE_BACKENDS = ("sqlite", "redis", "memory")
 CACHE_MODES = ("deterministic", "all")
+CACHE_REPLAYS = ("fast", "original")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,6 +231,7 @@ class CacheConfig:
     max_entry_bytes: int = 1024 * 1024
     write_queue: int = 256
     key_prefix: str = "gwcache:"        # redis: the keys' prefix (several gateways share it)
+    replay: str = "fast"                # "original": streams are replayed with the provider's gaps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -652,6 +654,8 @@ def _cache(raw: Any) -> CacheConfig:
         "max_entry_bytes": lambda k, v: _number(k, v, minimum=256, integer=True),
         "write_queue": _count,
         "key_prefix": lambda k, v: _string(k, v),
+        "replay": lambda k, v: _string(k, v, check=lambda s: s in CACHE_REPLAYS,
+                                       expected=f"one of {', '.join(CACHE_REPLAYS)}"),
     }))
     if cache.backend == "redis" and cache.url is None:
         raise ConfigError("cache.url", None, 'a redis:// URL (backend = "redis")')

@@ -10,7 +10,7 @@ answer is cached, then C concurrent clients (raw keep-alive HTTP/1.1 sockets, on
 for it in a closed loop for --seconds: time from the request's first byte sent to the first
 content byte received, p50/p99, and hits/s. Loopback only.
 
-    python scripts/cache_bench.py cost [--reads 200] [--repeat 7] [--backend memory|sqlite]
+    python scripts/cache_bench.py cost [--reads 200] [--repeat 7] [--backend memory|sqlite] [--replay fast|original]
     python scripts/cache_bench.py ttft [--concurrency 100] [--seconds 10] [--tokens 1000]
 """
 
@@ -40,9 +40,10 @@ BODY = orjson.dumps({"model": "gpt-4o-mini", "stream": True, "temperature": 0, "
     {"role": "user", "content": "What is the capital of France, and what is it known for?"}]})
 
 
-async def cost(reads: int, n: int, backend: str = "memory") -> tuple[float, float, float]:
+async def cost(reads: int, n: int, backend: str = "memory", replay: str = "fast") -> tuple[float, float, float]:
     path = os.path.join(tempfile.mkdtemp(), "cache.db")
-    cache = ResponseCache(CacheConfig(enabled=True, backend=backend, path=path, write_queue=8192, max_entries=1000))
+    cache = ResponseCache(CacheConfig(enabled=True, backend=backend, path=path, write_queue=8192, max_entries=1000,
+                                      replay=replay))
     if backend == "sqlite":  # start the store's key set (the first request does), wait for it
         warm = parse_chat_request(BODY)
         await cache.admit(Exchange("r", "/", OPEN, 0.0, endpoint="chat", model=warm.model), warm)
@@ -92,11 +93,12 @@ async def baseline(n: int) -> float:
 
 
 def main_cost(args) -> None:
-    runs = [trio.run(cost, args.reads, 5000, args.backend) for _ in range(args.repeat)]
+    runs = [trio.run(cost, args.reads, 5000, args.backend, args.replay) for _ in range(args.repeat)]
     base = min(trio.run(baseline, 5000) for _ in range(args.repeat))
     hot = min(r[0] for r in runs)
     whole = min(r[1] for r in runs) - base
-    print(f"cache cost per miss ({args.reads} upstream reads, {args.backend} store), best of {args.repeat}:")
+    print(f"cache cost per miss ({args.reads} upstream reads, {args.backend} store, replay {args.replay}), "
+          f"best of {args.repeat}:")
     print(f"  serving path (admit + {args.reads} tap calls + settle): {hot:.1f} us")
     print(f"  with the writer's work (sizing, storing, evicting):     {whole:.1f} us")
     print(f"  python {platform.python_version()}, {platform.processor() or platform.machine()}, "
@@ -217,6 +219,7 @@ def main() -> None:
     c.add_argument("--reads", type=int, default=200)
     c.add_argument("--repeat", type=int, default=7)
     c.add_argument("--backend", choices=("memory", "sqlite"), default="memory")
+    c.add_argument("--replay", choices=("fast", "original"), default="fast")
     t = sub.add_parser("ttft")
     t.add_argument("--concurrency", type=int, default=100)
     t.add_argument("--seconds", type=float, default=10)

@@ -107,9 +107,10 @@ def test_config_checks_name_the_key():
             "models": {"m": {"deployments": [{"provider": "p"}]}}}
     config = parse_config({**base, "cache": {"enabled": True, "backend": "memory", "ttl": 60, "mode": "all",
                                              "stale_if_error": 0, "max_entries": 10, "max_bytes": 4096,
-                                             "max_entry_bytes": 1024}})
-    assert config.cache.mode == "all" and config.cache.max_entries == 10
+                                             "max_entry_bytes": 1024, "replay": "original"}})
+    assert config.cache.mode == "all" and config.cache.max_entries == 10 and config.cache.replay == "original"
     for bad, where in [({"backend": "disk"}, "cache.backend"), ({"mode": "some"}, "cache.mode"),
+                       ({"replay": "paced"}, "cache.replay"),
                        ({"ttl": 0}, "cache.ttl"), ({"backend": "redis"}, "cache.url"),
                        ({"max_bytes": 2048, "max_entry_bytes": 4096}, "cache.max_entry_bytes"),
                        ({"size": 1}, "cache.size")]:
@@ -298,6 +299,38 @@ async def test_ttl_then_stale_window_then_gone(nursery, fake):
         assert await state() == "hit"
         clock.now += 61 + 600  # past the stale window too: the store has dropped it
         assert await gw.gateway.cache.store.get(next(iter(gw.gateway.cache.store._entries))) is None
+
+
+@pytest.mark.parametrize("replay", ["original", "fast"])
+async def test_replay_original_keeps_the_providers_gaps(nursery, fake, replay):
+    """`replay = "original"`: the entry holds each read's time and a hit types out like the first
+    answer (the first token at once); `fast` records no times. Only lower bounds on time here:
+    a slow machine makes gaps longer, never shorter."""
+    gw = await start_cached(nursery, fake.port, replay=replay)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=MASTER_KEY, max_retries=0, timeout=30)
+
+    async def ask():
+        raw = await client.chat.completions.with_raw_response.create(
+            model=OPENAI, temperature=0, stream=True,
+            messages=[{"role": "user", "content": 'fake: {"tokens": 4, "itl": 0.15}\nType it out'}])
+        arrivals = []
+        async for chunk in raw.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append((time.monotonic(), chunk.choices[0].delta.content))
+        return raw.headers["x-gateway-cache"], arrivals
+
+    header, first = await ask()
+    await settled(gw, 1)
+    (entry, _, _), = gw.gateway.cache.store._entries.values()
+    again, second = await ask()
+    assert (header, again) == ("miss", "hit") and upstream_calls(fake) == 1
+    assert [text for _, text in second] == [text for _, text in first]
+    if replay == "fast":
+        assert entry.offsets is None
+        return
+    gaps = [b - a for a, b in zip(entry.offsets, entry.offsets[1:]) if b > a]
+    assert len(gaps) >= 3 and all(gap >= 0.14 for gap in gaps[-3:]), entry.offsets
+    assert second[-1][0] - second[0][0] >= 0.42  # 3 gaps of >= 0.15 s between the 4 tokens
 
 
 async def test_cache_off_has_no_header(gw, http):

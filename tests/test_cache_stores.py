@@ -7,9 +7,11 @@ import logging
 import sqlite3
 
 import httpx
+import orjson
+import pytest
 import trio
 
-from proxy.cache.entry import Entry, decode, encode
+from proxy.cache.entry import CorruptEntry, Entry, Replay, decode, encode, flatten
 from proxy.cache.stores import SQLiteStore
 from proxy.core.events import Chunk
 
@@ -42,6 +44,46 @@ def test_encode_decode_round_trip_and_refusals():
         except ValueError:
             continue
         raise AssertionError(f"decoded {bad!r}")
+
+
+def test_offsets_round_trip_in_milliseconds_and_bad_ones_are_refused():
+    chunks = [Chunk(b'{"a":1}'), Chunk(b'{"a":2}', True), Chunk(b'{"a":3}', True)]
+    entry = decode(encode(Entry("chat", 1.0, chunks=chunks, offsets=[0.0, 0.0, 0.2504])))
+    assert entry.offsets == [0.0, 0.0, 0.25]
+    assert decode(encode(Entry("chat", 1.0, chunks=chunks))).offsets is None  # written by a fast cache
+    good = orjson.loads(encode(Entry("chat", 1.0, chunks=chunks, offsets=[0, 0, 1])))
+    for offsets in ([0, 1], [0, 2, 1], [0, -1, 2], [0, 0.5, 1], "0,1,2", [0, None, 2]):
+        with pytest.raises(CorruptEntry):
+            decode(orjson.dumps({**good, "o": offsets}))
+    with pytest.raises(CorruptEntry):  # offsets without chunks
+        decode(orjson.dumps({"v": 1, "e": "chat", "t": 1, "c": None, "p": {"a": 1}, "o": [0]}))
+
+
+def test_a_recording_flattens_to_chunks_and_offsets_from_the_first_read():
+    a, b, c = Chunk(b'{"a":1}'), Chunk(b'{"b":1}', True), Chunk(b'{"c":1}', True)
+    assert flatten([[a, b], [c]]) == ([a, b, c], None)
+    assert flatten([[a, b], [c]], [10.0, 10.5]) == ([a, b, c], [0.0, 0.0, 0.5])
+    assert flatten([], []) == ([], [])
+
+
+async def test_a_paced_replay_emits_each_read_at_its_offset(autojump_clock):
+    """Chunks of one original read go out together, each read at its original offset; the same
+    entry replays at once when not paced, and an entry without offsets is never paced."""
+    chunks = [Chunk(b'{"role":1}'), Chunk(b'{"x":1}', True), Chunk(b'{"y":1}', True), Chunk(b'{"z":1}', True)]
+    entry = Entry("chat", 1.0, chunks=chunks, offsets=[0.0, 0.0, 0.3, 1.25])
+
+    async def replay(paced, entry=entry):
+        start, sent = trio.current_time(), []
+
+        async def emit(batch):
+            sent.append((round(trio.current_time() - start, 3), [c.data for c in batch]))
+        await Replay(entry, paced).stream(emit)
+        return sent
+
+    assert await replay(True) == [(0.0, [b'{"role":1}', b'{"x":1}']), (0.3, [b'{"y":1}']), (1.25, [b'{"z":1}'])]
+    fast = await replay(False)
+    assert {at for at, _ in fast} == {0.0} and [d for _, batch in fast for d in batch] == [c.data for c in chunks]
+    assert {at for at, _ in await replay(True, Entry("chat", 1.0, chunks=chunks))} == {0.0}
 
 
 async def test_sqlite_entries_outlive_the_gateway(nursery, fake, tmp_path):

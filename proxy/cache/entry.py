@@ -9,9 +9,12 @@ completion) and a streamed one from a completion (cut into the chunks a provider
 
 On the wire to a store an entry is one JSON document (`encode`/`decode`); `decode` refuses any
 document that is not exactly what `encode` writes (`CorruptEntry`), and the caller drops it.
-Replays are fast: the first chunks up to the first visible one go out alone (time to first token),
-then the rest in batches growing to `REPLAY_BATCH` chunks (fewer, larger writes), with a scheduler
-turn between batches.
+Replays are fast by default: the first chunks up to the first visible one go out alone (time to
+first token), then the rest in batches growing to `REPLAY_BATCH` chunks (fewer, larger writes),
+with a scheduler turn between batches. With `[cache] replay = "original"` a stream is recorded with
+the time of each upstream read (`offsets`: seconds after the first read) and replayed with the same
+gaps between reads: the first read at once, then the answer as fast as the provider wrote it. An
+entry without offsets (a plain answer, or written while replays were fast) replays fast.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Entry:
     chunks: list[Chunk] | None = None      # a streamed answer, as relayed
     completion: dict[str, Any] | None = None  # a plain answer
     size: int = 0                          # bytes it takes in a store (its encoded length)
+    offsets: list[float] | None = None     # per chunk: seconds after the first upstream read
+                                           # (before the writer: the reads' times, see `flatten`)
 
 
 def chunks_size(chunks: list[Chunk]) -> int:
@@ -54,8 +59,10 @@ def encode(entry: Entry) -> bytes:
     chunks = None
     if entry.chunks is not None:
         chunks = [[c.data.decode(), c.visible, c.usage, c.event] for c in entry.chunks]
-    return orjson.dumps({"v": FORMAT, "e": entry.endpoint, "t": entry.stored_at, "c": chunks,
-                         "p": entry.completion})
+    doc = {"v": FORMAT, "e": entry.endpoint, "t": entry.stored_at, "c": chunks, "p": entry.completion}
+    if entry.offsets is not None:
+        doc["o"] = [round(o * 1000) for o in entry.offsets]  # milliseconds: compact, and enough
+    return orjson.dumps(doc)
 
 
 def decode(raw: bytes) -> Entry:
@@ -74,11 +81,31 @@ def decode(raw: bytes) -> Entry:
             if not parsed or not all(isinstance(c.visible, bool) and (c.usage is None or isinstance(c.usage, dict))
                                      and (c.event is None or isinstance(c.event, str)) for c in parsed):
                 raise CorruptEntry("bad chunks")
+        offsets = doc.get("o")
+        if offsets is not None:
+            if (parsed is None or not isinstance(offsets, list) or len(offsets) != len(parsed)
+                    or not all(type(o) is int and o >= 0 for o in offsets)
+                    or any(a > b for a, b in zip(offsets, offsets[1:]))):
+                raise CorruptEntry("bad offsets")
+            offsets = [o / 1000 for o in offsets]
     except CorruptEntry:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptEntry(f"unreadable: {type(e).__name__}") from None
-    return Entry(endpoint, float(stored_at), parsed, completion, len(raw))
+    return Entry(endpoint, float(stored_at), parsed, completion, len(raw), offsets)
+
+
+def flatten(reads: Any, times: Any = None) -> tuple[list[Chunk], list[float] | None]:
+    """A recording (proxy/cache/policy.py `recorder`: one item per upstream read, and with
+    replay = "original" the time of each) -> the entry's chunks, and their offsets."""
+    if times is None:
+        return [chunk for chunks in reads for chunk in chunks], None
+    first = times[0] if times else 0.0
+    chunks, offsets = [], []
+    for at, batch in zip(times, reads):
+        chunks += batch
+        offsets += [at - first] * len(batch)
+    return chunks, offsets
 
 
 # -- a stream's chunks -> a completion --
@@ -200,12 +227,16 @@ def _at(chunk: Chunk, index: int) -> Chunk:
 class Replay:
     """An entry as the endpoint's answer (proxy/server/exchange.py `Answer`)."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "paced")
 
-    def __init__(self, entry: Entry):
+    def __init__(self, entry: Entry, paced: bool = False):
         self.entry = entry
+        self.paced = paced and entry.offsets is not None
 
     async def stream(self, emit) -> None:
+        if self.paced:
+            await self._paced(emit)
+            return
         chunks = self.entry.chunks if self.entry.chunks is not None else chunks_of(self.entry.completion)
         first = next((i for i, c in enumerate(chunks) if c.visible), len(chunks) - 1) + 1
         await emit(chunks[:first])
@@ -218,6 +249,19 @@ class Replay:
             await trio.sleep(0)
             await emit(chunks[start:start + size])
             start, size = start + size, min(size * 2, REPLAY_BATCH)
+
+    async def _paced(self, emit) -> None:
+        """The chunks of each original read together, each read at its original offset."""
+        chunks, offsets = self.entry.chunks, self.entry.offsets
+        start = trio.current_time()
+        i = 0
+        while i < len(chunks):
+            j = i + 1
+            while j < len(chunks) and offsets[j] == offsets[i]:
+                j += 1
+            await trio.sleep_until(start + offsets[i])
+            await emit(chunks[i:j])
+            i = j
 
     def completion(self) -> dict[str, Any]:
         if self.entry.completion is not None:

@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from proxy.cache import key as keys
-from proxy.cache.entry import CorruptEntry, Entry, Replay, chunks_size, decode, encode
+from proxy.cache.entry import CorruptEntry, Entry, Replay, chunks_size, decode, encode, flatten
 from proxy.cache.stores import MemoryStore, RedisStore, SQLiteStore
 from proxy.config import CacheConfig
 from proxy.server.exchange import Exchange
@@ -64,7 +64,7 @@ MIN_CHUNK_BYTES = 32  # no chunk a provider writes is smaller (`{"choices":[{"de
 
 
 def recorder(max_entry_bytes: int) -> deque:
-    """A stream's tap: its batches of chunks, appended as relayed (a builtin call per read, ~35 ns).
+    """A stream's tap: its batches of chunks, appended as relayed (a builtin call per read, ~25 ns).
     An answer that fits max_entry_bytes has fewer reads than `maxlen`; one with more is too large
     to cache and keeps only its last `maxlen` reads meanwhile (the bound on what it holds)."""
     return deque(maxlen=max_entry_bytes // MIN_CHUNK_BYTES + 1)
@@ -76,6 +76,7 @@ class Pending:
     key: str
     write: bool
     recorder: deque | None = None  # the batches of a stream (see `recorder`)
+    times: deque | None = None     # with replay = "original": when each batch was read (monotonic)
 
 
 class ResponseCache:
@@ -86,6 +87,7 @@ class ResponseCache:
         self._in_memory = type(self.store) is MemoryStore  # holds Entry objects, never fails
         self._might_have = getattr(self.store, "might_have", None)
         self._cache_all = config.mode == "all"
+        self._paced = config.replay == "original"  # record each read's time, replay with its gaps
         self._window = config.ttl + config.stale_if_error  # an entry's whole life in the store
         self._send: trio.MemorySendChannel | None = None  # opened with the writer, at first use
         self._off_until = -math.inf  # trio time until which the store is not asked (it failed)
@@ -118,13 +120,17 @@ class ResponseCache:
         if wanted.read and (entry := await self._lookup(key)) is not None:
             age = self.clock() - entry.stored_at
             if age < self.config.ttl:
-                x.answer, x.cache = Replay(entry), "hit"
+                x.answer, x.cache = Replay(entry, self._paced), "hit"
                 return
             if age < self._window:
-                x.stale = Replay(entry)
+                x.stale = Replay(entry, self._paced)
         if wanted.write and x.stream:
             pending.recorder = recorder(self.config.max_entry_bytes)
             x.taps.append(pending.recorder.append)
+            if self._paced:  # and each read's time: a Python call and a clock read per read, only when asked
+                pending.times = deque(maxlen=pending.recorder.maxlen)  # floats: no GC-tracked tuple per read
+                append, now = pending.times.append, time.monotonic
+                x.taps.append(lambda chunks: append(now()))
 
     def settle(self, x: Exchange) -> None:
         if x.cache is None:
@@ -140,7 +146,7 @@ class ResponseCache:
             if len(batches) == batches.maxlen:
                 self._too_large(None)
                 return
-            entry = Entry(x.endpoint, self.clock(), chunks=batches)  # flattened by the writer
+            entry = Entry(x.endpoint, self.clock(), chunks=batches, offsets=pending.times)  # flattened by the writer
         elif x.completion is not None:
             entry = Entry(x.endpoint, self.clock(), completion=x.completion)
         else:
@@ -225,7 +231,7 @@ class ResponseCache:
         if trio.current_time() < self._off_until:
             return
         if isinstance(entry.chunks, deque):
-            entry.chunks = [chunk for batch in entry.chunks for chunk in batch]
+            entry.chunks, entry.offsets = flatten(entry.chunks, entry.offsets)
         if self.store.holds_bytes:
             value = await trio.to_thread.run_sync(encode, entry)  # ~1 ms for 1,000 chunks: off the loop
             entry.size = len(value)

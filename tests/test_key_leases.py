@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from proxy.keys.store import LEASE_SHARE, WINDOW, Budget, BudgetAsk, RateAsk, Settle, period_key, spend_periods
+from proxy.keys.store import (LEASE_SHARE, SLOT_SHARE, WINDOW, Budget, BudgetAsk, RateAsk, Settle, SlotAsk, period_key,
+                              spend_periods)
 from tests.conftest import chat_body
 from tests.keys_gateway import bearer, create_key, keys_gateway  # noqa: F401 (fixture)
 from tests.redis_server import redis_url  # noqa: F401 (fixture)
@@ -49,6 +50,41 @@ async def test_no_lease_near_the_end_of_a_budget_or_past_kill_at(store):
     assert (await store.reserve(reserve(1, usd=0.19, budgets=(BUDGET,)))).ok  # per request: the last dollars
     [killed] = await store.lease("p1", NOW, [BudgetAsk("l2", BUDGET, 0.5, want=0.01, least=0.0)])
     assert killed.usd == 0  # spend 0.8 >= kill_at 0.5 x budget
+
+
+async def test_a_slot_lease_counts_its_slots_as_open_streams(store):
+    """Leased stream slots count against max_parallel whether in use or not; given back or closed,
+    they are free for per-request reserves again; a crashed process's are swept."""
+    streams = dict(max_parallel=8, stream=True)
+    [grant] = await store.lease("p1", NOW, [SlotAsk("s1", "key_a", 8, want=6)])
+    assert grant.slots == 8 // SLOT_SHARE == 4
+    assert all([(await store.reserve(reserve(n, owner="p2", **streams))).ok for n in range(4)])
+    refused = await store.reserve(reserve(4, owner="p2", **streams))
+    assert not refused.ok and refused.reason.startswith("max_parallel")
+    assert refused.leased_elsewhere == 4  # slots of another process's lease: worth asking again later
+    assert (await store.reserve(reserve(5, owner="p2", max_parallel=8, stream=False))).ok  # not a stream
+    [back] = await store.lease("p1", NOW, [SlotAsk("s1", "key_a", 8, back=3, fresh=False)])
+    assert back.slots == 0 and not back.lost
+    assert all([(await store.reserve(reserve(n, owner="p2", **streams))).ok for n in (6, 7, 8)])
+    assert not (await store.reserve(reserve(9, owner="p2", **streams))).ok  # 7 streams + the lease's 1
+    # a top-up takes at most half of what is free, none when that is nothing
+    [none] = await store.lease("p1", NOW, [SlotAsk("s1", "key_a", 8, want=4, fresh=False)])
+    assert none.slots == 0
+    await store.lease("p1", NOW, [SlotAsk("s1", "key_a", 8, close=True)])
+    assert (await store.reserve(reserve(10, owner="p2", **streams))).ok
+    [lost] = await store.lease("p1", NOW, [SlotAsk("s1", "key_a", 8, back=1, fresh=False)])
+    assert lost.lost  # the row is gone: the lease must start over
+    # max_parallel 1: half of one slot is none, streams go one by one
+    [one] = await store.lease("p1", NOW, [SlotAsk("s2", "key_b", 1, want=4)])
+    assert one.slots == 0
+    # a crashed process's slot lease is released by the sweep
+    await store.heartbeat("dead", NOW - 100, 10)
+    [dead] = await store.lease("dead", NOW, [SlotAsk("s3", "key_c", 4, want=4)])
+    assert dead.slots == 2
+    assert [(await store.reserve(reserve(n, key_id="key_c", max_parallel=4, stream=True))).ok
+            for n in (11, 12, 13)] == [True, True, False]
+    assert await store.heartbeat("alive", NOW, 10) >= 1
+    assert (await store.reserve(reserve(14, key_id="key_c", max_parallel=4, stream=True))).ok
 
 
 async def test_a_crashed_process_lease_is_released_by_the_sweep(store):
@@ -174,6 +210,101 @@ async def test_revocation_drops_the_key_leases(keys_gateway, http, state):
         while await held(gw, scope) > 1e-9:  # given back by the next renewal tick, not after IDLE
             await trio.sleep(0.02)
     print(f"\nrevoked: refused and its lease given back after {trio.current_time() - start:.2f} s")
+
+
+async def open_streams(stack, http, gw, key, body, n):
+    """n streams held open (their headers read); their status codes."""
+    codes = []
+    for _ in range(n):
+        response = await stack.enter_async_context(http.stream("POST", gw.v1 + "/chat/completions",
+                                                               headers=key, json=body))
+        codes.append(response.status_code)
+    return codes
+
+
+async def open_slots(gw, key_id: str) -> int:
+    """Stream slots the store counts for a key: per-request streams and leased slots."""
+    store = keys_of(gw).store
+    if hasattr(store, "_client"):
+        members = await store._command(lambda: store._client.scard(store.prefix + "par:" + key_id))
+        leased = await store._command(lambda: store._client.hvals(store.prefix + "pl:" + key_id))
+        return int(members) + sum(int(n) for n in leased)
+    row = await store._call(lambda conn: conn.execute(
+        "SELECT COALESCE(SUM(stream), 0) FROM reservations WHERE key_id = ? AND stream > 0", (key_id,)).fetchone())
+    return row[0]
+
+
+async def test_streams_of_a_key_with_max_parallel_take_leased_slots(keys_gateway, http, state):
+    """max_parallel 4: the streams take slots from a lease (no store round trip each), the limit
+    holds exactly, and the free slots go back to the store at the next tick."""
+    from contextlib import AsyncExitStack
+
+    gw = await keys_gateway(state=state)
+    created = await create_key(http, gw.url, max_parallel=4, budget_usd=10)
+    key = bearer(created["key"])
+    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)  # open, first token at once
+    before = keys_of(gw).leases.local
+    async with AsyncExitStack() as stack:
+        assert await open_streams(stack, http, gw, key, slow, 4) == [200] * 4
+        assert (await http.post(gw.v1 + "/chat/completions", headers=key, json=slow)).status_code == 429
+        assert await open_slots(gw, created["id"]) == 4
+        assert keys_of(gw).leases.local - before >= 2  # a lease of 2 (half of 4), then one by one
+    # the four streams cut (the client closed them): settled, their slots given back at the next ticks
+    with trio.fail_after(5):
+        while await open_slots(gw, created["id"]) > 0:
+            await trio.sleep(0.05)
+    ok = chat_body("fake: {\"tokens\": 2}", stream=True)
+    assert (await http.post(gw.v1 + "/chat/completions", headers=key, json=ok)).status_code == 200
+
+
+async def test_slots_leased_by_one_gateway_do_not_refuse_another(keys_gateway, http, state):
+    """Two gateways on one store, max_parallel 4: gateway A runs one stream from a lease of 2 (one
+    slot idle); gateway B may still open 3 streams: its refused stream asks again after A's tick
+    gave the idle slot back. A 5th stream is refused for real."""
+    from contextlib import AsyncExitStack
+
+    a = await keys_gateway(state=state)
+    b = await keys_gateway(state=state)
+    created = await create_key(http, a.url, max_parallel=4)
+    key = bearer(created["key"])
+    with trio.fail_after(5):  # B sees the new key (refresh)
+        while (await http.post(b.v1 + "/chat/completions", headers=key, json=chat_body())).status_code != 200:
+            await trio.sleep(0.05)
+    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)  # open, first token at once
+    async with AsyncExitStack() as stack:
+        assert await open_streams(stack, http, a, key, slow, 1) == [200]
+        assert await open_streams(stack, http, b, key, slow, 3) == [200] * 3
+        fifth = await http.post(b.v1 + "/chat/completions", headers=key, json=slow)
+        assert fifth.status_code == 429 and "max_parallel" in fifth.json()["error"]["message"]
+        assert await open_slots(a, created["id"]) == 4
+
+
+async def test_concurrent_streams_on_two_gateways_never_pass_max_parallel(keys_gateway, http, state):
+    """20 streams at once, 10 on each of two gateways sharing the store, max_parallel 6: at most 6
+    are open at any time (leased slots and per-request streams counted together)."""
+    from contextlib import AsyncExitStack
+
+    a = await keys_gateway(state=state)
+    b = await keys_gateway(state=state)
+    created = await create_key(http, a.url, max_parallel=6)
+    key = bearer(created["key"])
+    with trio.fail_after(5):
+        while (await http.post(b.v1 + "/chat/completions", headers=key, json=chat_body())).status_code != 200:
+            await trio.sleep(0.05)
+    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        async def one(gw):
+            response = await stack.enter_async_context(http.stream("POST", gw.v1 + "/chat/completions",
+                                                                   headers=key, json=slow))
+            codes.append(response.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for gw in [a, b] * 10:
+                nursery.start_soon(one, gw)
+        assert sorted(set(codes)) == [200, 429] and codes.count(200) <= 6, codes
+        assert await open_slots(a, created["id"]) <= 6
+        print(f"\n20 concurrent streams, max_parallel 6, two gateways: {codes.count(200)} admitted")
 
 
 async def test_streams_of_a_key_with_max_parallel_are_counted_by_the_store(keys_gateway, http, state):

@@ -27,7 +27,15 @@ Rules:
   is in flight).
 - A crashed process's budget leases are its reservations: the heartbeat sweep (stale_after)
   releases them. Its rate units leave the window within WINDOW + RATE_SECONDS, as reserved ones do.
-- Streams of a key with max_parallel are not leased: open streams are counted exactly by the store.
+- A slot lease holds stream slots of a key with max_parallel (store: a row counting them, added to
+  the key's open streams): a stream takes a free slot locally and gives it back at its settle.
+  At most 1/SLOT_SHARE of the free slots per grant (max_parallel 1: no lease, per request). Each
+  TICK a lease keeps as many slots as its streams used at once since the last tick (`peak`) and
+  gives back the rest: a slot this process does not use is held at most two ticks, and a stream
+  another process refused because of leased slots is asked once more after REFUSED_RETRY
+  (policy.py), when they are back. A key whose streams come and go keeps its slots without a
+  store round trip. Nothing is over-admitted: a lease's slots are counted by the store whether
+  in use or not.
 - Bound: one budget lease per (scope, period) and one rate lease per key in use (plus the closed
   ones until given back); past MAX_LEASES in a table, all of its leases are closed (given back
   and removed by the next ticks).
@@ -43,7 +51,7 @@ from dataclasses import dataclass, field
 import trio
 
 from proxy.core.errors import StoreUnavailable
-from proxy.keys.store import WINDOW, Budget, BudgetAsk, Grant, RateAsk, Store
+from proxy.keys.store import SLOT_SHARE, WINDOW, Budget, BudgetAsk, Grant, RateAsk, SlotAsk, Store
 
 log = logging.getLogger("proxy.keys.leases")
 
@@ -54,6 +62,8 @@ RATE_SECONDS = 2      # a rate lease's units are usable until this many seconds 
 TICK = 0.2            # seconds between background renewals / returns
 IDLE = 1.0            # seconds without use after which a lease is given back
 EXACT_RETRY = 1.0     # seconds before a budget or window refused a lease is asked again
+REFUSED_RETRY = 2.5 * TICK  # a stream refused for max_parallel while slots were leased asks once more
+LEASE_SLOTS = 4       # stream slots a slot lease asks for (or twice the streams since its last grant)
 MAX_LEASES = 10_000
 
 
@@ -91,6 +101,21 @@ class RateLease:
 
 
 @dataclass(slots=True)
+class SlotLease:
+    id: str
+    key_id: str
+    max_parallel: int
+    free: int = 0              # slots no stream of this process uses
+    held: int = 0              # slots taken by streams in flight
+    peak: int = 0              # the most held at once since the last tick
+    used_at: float = 0.0
+    exact_until: float = 0.0
+    granted: bool = False      # the row exists in the store
+    takes: int = 0
+    closed: bool = False
+
+
+@dataclass(slots=True)
 class Ticket:
     """What one request took locally: given back (the difference) by its settle."""
     usd: float
@@ -98,6 +123,7 @@ class Ticket:
     rate: RateLease | None = None
     tokens: int = 0
     second: int = 0            # the rate lease's bucket the tokens were counted in
+    slot: SlotLease | None = None  # the stream slot it holds
 
 
 class Leases:
@@ -107,6 +133,7 @@ class Leases:
         self.kill_at = kill_at
         self.budgets: dict[tuple[str, str], BudgetLease] = {}
         self.rates: dict[str, RateLease] = {}
+        self.slots: dict[str, SlotLease] = {}
         self._renewing: trio.Event | None = None
         self.local = 0             # requests admitted from leases (for tests and the bench)
         self.renewals = 0          # store round trips for leases
@@ -114,9 +141,15 @@ class Leases:
     # -- the hot path: no store, no await --
 
     def take(self, budgets: tuple[Budget, ...], usd: float, key_id: str, rpm: int | None, tpm: int | None,
-             tokens: int, now: float) -> Ticket | None:
-        """The request's worst case from the local leases, all or nothing; None: ask the store."""
+             tokens: int, now: float, parallel: int | None = None) -> Ticket | None:
+        """The request's worst case from the local leases, all or nothing; None: ask the store.
+        parallel: the key's max_parallel when the request is a stream (it takes a slot)."""
         mono = time.monotonic()
+        slot = None
+        if parallel:
+            slot = self.slots.get(key_id)
+            if slot is None or slot.closed or slot.max_parallel != parallel or slot.free < 1:
+                return None
         rate = None
         if rpm or tpm:
             rate = self.rates.get(key_id)
@@ -143,8 +176,14 @@ class Leases:
             rate.free_tokens -= tokens
             rate.need_tokens, rate.used_at = tokens, mono
             rate.takes += 1
+        if slot is not None:
+            slot.free -= 1
+            slot.held += 1
+            slot.peak = max(slot.peak, slot.held)
+            slot.used_at = mono
+            slot.takes += 1
         self.local += 1
-        return Ticket(usd, leases, rate, tokens, rate.second if rate is not None else 0)
+        return Ticket(usd, leases, rate, tokens, rate.second if rate is not None else 0, slot)
 
     @staticmethod
     def give(ticket: Ticket, cost: float) -> None:
@@ -152,10 +191,20 @@ class Leases:
         for lease in ticket.leases:
             lease.held -= ticket.usd
             lease.free += ticket.usd - cost
+        if ticket.slot is not None:
+            ticket.slot.held -= 1
+            ticket.slot.free += 1
 
-    def renewable(self, budgets: tuple[Budget, ...], key_id: str, rpm: int | None, tpm: int | None) -> bool:
+    def renewable(self, budgets: tuple[Budget, ...], key_id: str, rpm: int | None, tpm: int | None,
+                  parallel: int | None = None) -> bool:
         """Would a renewal help this request (no lease refused in the last EXACT_RETRY)?"""
         mono = time.monotonic()
+        if parallel:
+            if parallel < SLOT_SHARE:
+                return False
+            slot = self.slots.get(key_id)
+            if slot is not None and slot.exact_until > mono and slot.max_parallel == parallel:
+                return False
         rate = self.rates.get(key_id) if (rpm or tpm) else None
         if rate is not None and rate.exact_until > mono and rate.rpm == rpm and rate.tpm == tpm:
             return False
@@ -168,7 +217,7 @@ class Leases:
     # -- renewals: one at a time per process --
 
     async def renew_for(self, budgets: tuple[Budget, ...], usd: float, key_id: str, rpm: int | None,
-                        tpm: int | None, tokens: int, now: float) -> bool:
+                        tpm: int | None, tokens: int, now: float, parallel: int | None = None) -> bool:
         """One synchronous renewal of what this request lacks (True), or a wait for the one under
         way (False: the caller looks again, and may then renew once itself)."""
         if self._renewing is not None:
@@ -195,8 +244,27 @@ class Leases:
             if now >= rate.second or rate.free_requests < 1 or rate.free_tokens < tokens:
                 asks.append(self._renew_rate(rate, now))
                 targets.append(rate)
+        if parallel:
+            slot = self._slot_lease(key_id, parallel)
+            if slot.free < 1:
+                many = max(LEASE_SLOTS, 2 * slot.takes)
+                slot.takes = 0
+                asks.append(SlotAsk(slot.id, key_id, parallel, want=many, fresh=not slot.granted))
+                targets.append(slot)
         await self._run(asks, targets)
         return True
+
+    def _slot_lease(self, key_id: str, parallel: int) -> SlotLease:
+        slot = self.slots.get(key_id)
+        if slot is None or slot.closed or slot.max_parallel != parallel:
+            if slot is not None:
+                slot.closed = True
+                self.slots["~" + slot.id] = slot  # still given back by the tick
+            self._bounded(self.slots)
+            # "s" + owner: the store tells a refused stream whether other processes lease slots
+            slot = SlotLease(f"s{self.owner}.{os.urandom(6).hex()}", key_id, parallel, used_at=time.monotonic())
+            self.slots[key_id] = slot
+        return slot
 
     async def _run(self, asks: list, targets: list) -> None:
         if not asks:
@@ -213,6 +281,9 @@ class Leases:
                 if isinstance(ask, BudgetAsk) and ask.close:  # closed next time
                     target.granted = True
                     self.budgets[("~" + target.id, target.budget.period)] = target
+                elif isinstance(ask, SlotAsk) and ask.close:
+                    target.granted = True
+                    self.slots["~" + target.id] = target
             raise
         finally:
             self._renewing = None
@@ -220,6 +291,8 @@ class Leases:
         for ask, target, grant in zip(asks, targets, grants):
             if isinstance(ask, BudgetAsk):
                 self._granted_budget(target, ask, grant)
+            elif isinstance(ask, SlotAsk):
+                self._granted_slots(target, ask, grant)
             else:
                 self._granted_rate(target, ask, grant)
 
@@ -272,6 +345,20 @@ class Leases:
             lease.exact_until = time.monotonic() + EXACT_RETRY
 
     @staticmethod
+    def _granted_slots(slot: SlotLease, ask: SlotAsk, grant: Grant) -> None:
+        if ask.close:
+            return
+        if grant.lost:  # released by the store: its streams in flight are no longer counted there
+            slot.free, slot.granted, slot.closed = 0, False, True
+            log.warning("stream slot lease of key %s was released by the store; taking a new one", slot.key_id)
+            return
+        if grant.slots > 0:
+            slot.free += grant.slots
+            slot.granted = True
+        elif ask.want > 0:
+            slot.exact_until = time.monotonic() + EXACT_RETRY
+
+    @staticmethod
     def _granted_rate(rate: RateLease, ask: RateAsk, grant: Grant) -> None:
         rate.window_requests, rate.window_tokens = grant.window_requests, grant.window_tokens
         if grant.requests > 0:
@@ -321,6 +408,22 @@ class Leases:
                   or (rate.tpm and rate.free_tokens < rate.need_tokens * LOW_REQUESTS)) and rate.exact_until <= mono:
                 asks.append(self._renew_rate(rate, now))
                 targets.append(rate)
+        for name, slot in list(self.slots.items()):
+            # Slots beyond what the streams used at once since the last tick go back (another
+            # process may be waiting for them); a lease with no stream in flight, closed or idle,
+            # is dropped with its row.
+            back = slot.free if slot.closed else min(slot.free, slot.held + slot.free - slot.peak)
+            slot.peak = slot.held
+            if slot.held <= 0 and (slot.closed or mono - slot.used_at > IDLE):
+                if slot.granted:
+                    asks.append(SlotAsk(slot.id, slot.key_id, slot.max_parallel, close=True))
+                    targets.append(slot)
+                del self.slots[name]
+                slot.free, slot.granted, slot.closed = 0, False, True
+            elif back > 0 and slot.granted:
+                asks.append(SlotAsk(slot.id, slot.key_id, slot.max_parallel, back=back, fresh=False))
+                targets.append(slot)
+                slot.free -= back
         await self._run(asks, targets)
 
     def drop_key(self, key_id: str) -> None:
@@ -331,6 +434,9 @@ class Leases:
         rate = self.rates.get(key_id)
         if rate is not None:
             rate.closed = True
+        slot = self.slots.get(key_id)
+        if slot is not None:
+            slot.closed = True
 
     def suspend(self) -> None:
         """The store does not answer: nothing more is taken locally (requests fail closed as before);
@@ -339,6 +445,8 @@ class Leases:
             lease.closed = True
         for rate in self.rates.values():
             rate.closed = True
+        for slot in self.slots.values():
+            slot.closed = True
 
     async def release_all(self) -> None:
         """At shutdown: give back everything not in flight."""

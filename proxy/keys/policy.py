@@ -11,10 +11,11 @@ Rules:
   Retry-After, or the reservation and the x-ratelimit-* headers. A key with no limits under no
   budget costs no store round trip at admission.
 - Leases (proxy/keys/leases.py): when the request's worst case fits in this process's leases of
-  every budget it is under and of its key's rpm/tpm, admit takes it there, without the store
-  (a stream of a key with max_parallel always goes to the store: open streams are counted
-  exactly). A request the leases cannot hold waits for one renewal, then takes the one atomic
-  reserve above; only that refuses. Its x-ratelimit-remaining-* are then this process's view:
+  every budget it is under and of its key's rpm/tpm (and, for a stream of a key with
+  max_parallel, a stream slot), admit takes it there, without the store. A request the leases
+  cannot hold waits for one renewal, then takes the one atomic reserve above; only that refuses
+  (a stream refused for max_parallel while other processes lease slots of its key is asked once
+  more after REFUSED_RETRY: the slots they do not use are back by then). Its x-ratelimit-remaining-* are then this process's view:
   the key's window at the last lease plus what this process has not used of it (other
   processes' use since is not seen). Leases serve only while the store answered the refresh
   within the last second: a store that stops answering is failed closed (or open) as before,
@@ -40,7 +41,7 @@ import trio
 from proxy.config import Config
 from proxy.core.errors import (AuthenticationFailed, BudgetExceeded, ModelNotAllowed, RateLimitExceeded,
                                StoreUnavailable)
-from proxy.keys.leases import TICK, Leases, Ticket
+from proxy.keys.leases import REFUSED_RETRY, TICK, Leases, Ticket
 from proxy.keys.records import KeyRecord
 from proxy.keys.store import WINDOW, Budget, Reserve, Settle, Store, Verdict, period_key
 from proxy.server.exchange import Exchange, Principal
@@ -213,13 +214,18 @@ class KeysPolicy:
         max_tokens = x.notes.get("max_tokens")
         if max_tokens is None and hasattr(request, "body"):
             max_tokens = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
-        if (self.leases is not None and self._down_since is None
-                and time.monotonic() - self._answered_at < max(1.0, 2 * self.config.state.refresh_interval)
-                and not (record is not None and record.max_parallel and x.stream)
-                and await self._from_lease(x, record, model, budgets, prompt, max_tokens)):
+        leased = (self.leases is not None and self._down_since is None
+                  and time.monotonic() - self._answered_at < max(1.0, 2 * self.config.state.refresh_interval))
+        if leased and await self._from_lease(x, record, model, budgets, prompt, max_tokens):
             return
         reserve, verdict = await self._reserve(x, record, model, budgets, prompt, max_tokens,
                                                self.config.budgets.kill_at)
+        if leased and verdict is not None and not verdict.ok and verdict.leased_elsewhere:
+            # Refused for max_parallel while other processes lease slots of the key: those they do
+            # not use go back at their next ticks; ask once more then.
+            await trio.sleep(REFUSED_RETRY)
+            reserve, verdict = await self._reserve(x, record, model, budgets, prompt, max_tokens,
+                                                   self.config.budgets.kill_at)
         cheaper = self._downgrade.get(model) if verdict is not None and verdict.code == "budget_exceeded" else None
         if cheaper is not None:
             # Past the kill switch a cheaper model serves until the budget itself is spent.
@@ -264,18 +270,19 @@ class KeysPolicy:
         usd, tokens = self._worst_case(model, budgets, prompt, max_tokens)
         key_id = record.id if record else MASTER_ID
         rpm, tpm = (record.rpm, record.tpm) if record else (None, None)
+        parallel = record.max_parallel if record is not None and x.stream else None
         now = time.time()
-        ticket = leases.take(budgets, usd, key_id, rpm, tpm, tokens, now)
+        ticket = leases.take(budgets, usd, key_id, rpm, tpm, tokens, now, parallel)
         for _ in range(2):  # at most one renewal of its own (after waiting for another's)
-            if ticket is not None or not leases.renewable(budgets, key_id, rpm, tpm):
+            if ticket is not None or not leases.renewable(budgets, key_id, rpm, tpm, parallel):
                 break
             try:
-                renewed = await leases.renew_for(budgets, usd, key_id, rpm, tpm, tokens, now)
+                renewed = await leases.renew_for(budgets, usd, key_id, rpm, tpm, tokens, now, parallel)
             except StoreUnavailable as e:
                 self._store_down(e)
                 return False
             now = time.time()
-            ticket = leases.take(budgets, usd, key_id, rpm, tpm, tokens, now)
+            ticket = leases.take(budgets, usd, key_id, rpm, tpm, tokens, now, parallel)
             if renewed:
                 break
         if ticket is None:

@@ -11,7 +11,8 @@ Rules:
   which sends what is queued (up to SETTLE_BATCH) in one script call; a full channel drops the
   settle with an error line rather than block the request's end.
 - Keys (all under PREFIX): keys (hash id -> JSON), version, res (hash id -> JSON reservation),
-  par:<key> and own:<owner> (sets of reservation ids), reserved (hash scope -> USD),
+  par:<key> and own:<owner> (sets of reservation ids), pl:<key> (hash slot lease id -> its stream
+  slots; the lease's res entry has `slots` set), reserved (hash scope -> USD),
   wr:<key>/wt:<key> (hash second -> requests/tokens, expiring), spend (hash "scope|period" ->
   USD), sd:<day> (hash "key\\x1fteam\\x1fmodel\\x1fmetric" -> sum), days (set), owners (hash).
 """
@@ -26,8 +27,8 @@ import trio
 
 from proxy.core.errors import StoreUnavailable
 from proxy.keys.records import KeyRecord
-from proxy.keys.store import (LEASE_SHARE, WINDOW, BudgetAsk, Grant, RateAsk, Reserve, Settle, SpendRow, Verdict,
-                              day_of, seconds_to_period_end, spend_periods)
+from proxy.keys.store import (LEASE_SHARE, SLOT_SHARE, WINDOW, BudgetAsk, Grant, RateAsk, Reserve, Settle, SlotAsk,
+                              SpendRow, Verdict, day_of, seconds_to_period_end, spend_periods)
 
 log = logging.getLogger("proxy.keys.redis")
 
@@ -73,8 +74,18 @@ end
 local function refuse(code, reason, wait)
   return {0, code, reason, tostring(wait), req, tok, tostring(reset(2)), tostring(reset(3)), ''}
 end
-if maxpar > 0 and stream and redis.call('SCARD', p .. 'par:' .. key) >= maxpar then
-  return refuse('rate_limit_exceeded', 'max_parallel (' .. maxpar .. ' streams) reached', 1)
+if maxpar > 0 and stream then
+  local parallel = redis.call('SCARD', p .. 'par:' .. key)
+  for _, n in ipairs(redis.call('HVALS', p .. 'pl:' .. key)) do parallel = parallel + tonumber(n) end
+  if parallel >= maxpar then
+    local mine, others, leased = 's' .. owner, 0, redis.call('HGETALL', p .. 'pl:' .. key)
+    for i = 1, #leased, 2 do
+      if string.sub(leased[i], 1, #mine) ~= mine then others = others + tonumber(leased[i + 1]) end
+    end
+    local refused = refuse('rate_limit_exceeded', 'max_parallel (' .. maxpar .. ' streams) reached', 1)
+    refused[10] = others
+    return refused
+  end
 end
 if rpm > 0 and req + 1 > rpm then
   return refuse('rate_limit_exceeded', 'rpm limit (' .. rpm .. ' requests per minute) reached', free_after(2, req, 1, rpm))
@@ -118,6 +129,7 @@ local function release(p, id)
   local res = cjson.decode(raw)
   redis.call('HDEL', p .. 'res', id)
   redis.call('SREM', p .. 'par:' .. res.key, id)
+  if res.slots then redis.call('HDEL', p .. 'pl:' .. res.key, id) end
   redis.call('SREM', p .. 'own:' .. res.owner, id)
   for _, scope in ipairs(res.scopes) do redis.call('HINCRBYFLOAT', p .. 'reserved', scope, -res.usd) end
   return res
@@ -220,6 +232,35 @@ for _, a in ipairs(asks) do
         redis.call('HINCRBYFLOAT', p .. 'reserved', a.scope, grant)
       end
       table.insert(out, {tostring(grant), tostring(spend), tostring(reserved + grant), 0})
+    end
+  elseif a.kind == 'slot' then
+    local pl = p .. 'pl:' .. a.key
+    local held = redis.call('HGET', pl, a.id)
+    if held and a.close then
+      redis.call('HDEL', pl, a.id); redis.call('HDEL', p .. 'res', a.id); redis.call('SREM', p .. 'own:' .. owner, a.id)
+      table.insert(out, {'0', 0})
+    elseif not held and not a.fresh and not a.close then
+      table.insert(out, {'0', 1})
+    elseif a.close or a.want <= 0 then
+      if held and a.back > 0 then redis.call('HSET', pl, a.id, math.max(0, tonumber(held) - a.back)) end
+      table.insert(out, {'0', 0})
+    else
+      if held and a.back > 0 then
+        held = math.max(0, tonumber(held) - a.back); redis.call('HSET', pl, a.id, held)
+      end
+      local in_use = redis.call('SCARD', p .. 'par:' .. a.key)
+      for _, n in ipairs(redis.call('HVALS', pl)) do in_use = in_use + tonumber(n) end
+      local grant = math.min(a.want, math.floor((a.max_parallel - in_use) / a.share))
+      if grant < a.least or grant <= 0 then grant = 0 end
+      if grant > 0 then
+        if not held then
+          redis.call('HSET', p .. 'res', a.id, cjson.encode({owner = owner, key = a.key, second = 0, tokens = 0,
+            usd = 0, stream = false, scopes = {}, slots = true}))
+          redis.call('SADD', p .. 'own:' .. owner, a.id)
+        end
+        redis.call('HINCRBY', pl, a.id, grant)
+      end
+      table.insert(out, {tostring(grant), 0})
     end
   else
     local wr, wt = p .. 'wr:' .. a.key, p .. 'wt:' .. a.key
@@ -371,10 +412,12 @@ class RedisStore:
                            request.max_parallel or 0, int(request.stream), len(request.budgets), WINDOW]
         for budget in request.budgets:
             args += [budget.scope, budget.period, f"{budget.limit_usd:.12f}"]
-        ok, code, reason, wait, requests, tokens, r_reset, t_reset, remaining = await self._eval("reserve", args)
+        answer = await self._eval("reserve", args)
+        ok, code, reason, wait, requests, tokens, r_reset, t_reset, remaining = answer[:9]
         verdict = Verdict(ok=bool(ok), code=code or None, reason=reason, retry_after=float(wait),
                           requests=int(requests), tokens=int(tokens), requests_reset=float(r_reset),
-                          tokens_reset=float(t_reset), remaining_usd=float(remaining) if remaining else None)
+                          tokens_reset=float(t_reset), remaining_usd=float(remaining) if remaining else None,
+                          leased_elsewhere=int(answer[9]) if len(answer) > 9 else 0)
         if code == "budget_exceeded":  # the same words as the SQLite store's judge
             scope, period, limit, spend, reserved = reason.split("|")
             what = "the global" if scope == "global" else scope.replace(":", " ", 1) + "'s"
@@ -440,10 +483,14 @@ class RedisStore:
         value = await self._command(lambda: self._client.hget(self.prefix + "spend", f"{scope}|{period}"))
         return float(value) if value else 0.0
 
-    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk]) -> list[Grant]:
+    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk | SlotAsk]) -> list[Grant]:
         encoded = []
         for ask in asks:
-            if isinstance(ask, BudgetAsk):
+            if isinstance(ask, SlotAsk):
+                encoded.append({"kind": "slot", "id": ask.id, "key": ask.key_id, "max_parallel": ask.max_parallel,
+                                "back": ask.back, "want": ask.want, "least": ask.least, "share": SLOT_SHARE,
+                                "fresh": ask.fresh, "close": ask.close})
+            elif isinstance(ask, BudgetAsk):
                 encoded.append({"kind": "usd", "id": ask.id, "scope": ask.budget.scope, "period": ask.budget.period,
                                 "limit": ask.budget.limit_usd, "kill_at": ask.kill_at, "back": ask.back,
                                 "want": ask.want, "least": ask.least, "fresh": ask.fresh, "close": ask.close})
@@ -457,7 +504,9 @@ class RedisStore:
                                                          orjson.dumps(encoded).decode()]))
         grants = []
         for ask, row in zip(asks, answer):
-            if isinstance(ask, BudgetAsk):
+            if isinstance(ask, SlotAsk):
+                grants.append(Grant(slots=int(float(row[0])), lost=bool(row[1])))
+            elif isinstance(ask, BudgetAsk):
                 grants.append(Grant(usd=float(row[0]), spend=float(row[1]), reserved=float(row[2]), lost=bool(row[3])))
             else:
                 grants.append(Grant(requests=int(float(row[0])), tokens=int(float(row[1])),

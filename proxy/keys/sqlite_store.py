@@ -36,8 +36,8 @@ import trio
 
 from proxy.core.errors import StoreUnavailable
 from proxy.keys.records import KeyRecord
-from proxy.keys.store import (WINDOW, Budget, BudgetAsk, Grant, RateAsk, Reserve, Settle, SpendRow, Verdict,
-                              Window, budget_grant, day_of, judge, rate_grant, spend_periods)
+from proxy.keys.store import (WINDOW, Budget, BudgetAsk, Grant, RateAsk, Reserve, Settle, SlotAsk, SpendRow,
+                              Verdict, Window, budget_grant, day_of, judge, rate_grant, slot_grant, spend_periods)
 
 log = logging.getLogger("proxy.keys.sqlite")
 
@@ -254,7 +254,7 @@ class SqliteStore:
     async def heartbeat(self, owner: str, now: float, stale_after: float) -> int:
         return await self._call(_heartbeat, owner, now, stale_after)
 
-    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk]) -> list[Grant]:
+    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk | SlotAsk]) -> list[Grant]:
         return await self._call(_lease, owner, now, asks)
 
 
@@ -315,8 +315,8 @@ def _reserve(conn: sqlite3.Connection, request: Reserve) -> Verdict:
         window.requests = sum(b[1] for b in window.buckets)
         window.tokens = sum(b[2] for b in window.buckets)
     parallel = 0
-    if request.max_parallel and request.stream:
-        parallel = conn.execute("SELECT COUNT(*) FROM reservations WHERE key_id = ? AND stream = 1",
+    if request.max_parallel and request.stream:  # a stream's row counts 1, a slot lease's its slots
+        parallel = conn.execute("SELECT COALESCE(SUM(stream), 0) FROM reservations WHERE key_id = ? AND stream > 0",
                                 (request.key_id,)).fetchone()[0]
     budgets: list[tuple[Budget, float, float]] = []
     for budget in request.budgets:
@@ -326,6 +326,10 @@ def _reserve(conn: sqlite3.Connection, request: Reserve) -> Verdict:
         budgets.append((budget, spend[0] if spend else 0.0, max(0.0, reserved[0]) if reserved else 0.0))
     verdict = judge(request, window, parallel, budgets)
     if not verdict.ok:
+        if parallel and parallel >= (request.max_parallel or 0):
+            verdict.leased_elsewhere = conn.execute(
+                "SELECT COALESCE(SUM(stream), 0) FROM reservations WHERE key_id = ? AND stream > 0 "
+                "AND id LIKE 's%' AND owner != ?", (request.key_id, request.owner)).fetchone()[0]
         return verdict
     scopes = [b.scope for b in request.budgets]
     conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -408,9 +412,31 @@ def _heartbeat(conn: sqlite3.Connection, owner: str, now: float, stale_after: fl
     return released
 
 
-def _lease(conn: sqlite3.Connection, owner: str, now: float, asks: list[BudgetAsk | RateAsk]) -> list[Grant]:
-    return [_lease_budget(conn, owner, ask) if isinstance(ask, BudgetAsk) else _lease_rate(conn, now, ask)
+def _lease(conn: sqlite3.Connection, owner: str, now: float, asks: list[BudgetAsk | RateAsk | SlotAsk]) -> list[Grant]:
+    return [_lease_budget(conn, owner, ask) if isinstance(ask, BudgetAsk) else
+            _lease_slots(conn, owner, ask) if isinstance(ask, SlotAsk) else _lease_rate(conn, now, ask)
             for ask in asks]
+
+
+def _lease_slots(conn: sqlite3.Connection, owner: str, ask: SlotAsk) -> Grant:
+    """A slot lease is a reservation row of the key whose `stream` is its number of slots."""
+    row = conn.execute("SELECT stream FROM reservations WHERE id = ?", (ask.id,)).fetchone()
+    if row is not None and ask.close:
+        conn.execute("DELETE FROM reservations WHERE id = ?", (ask.id,))
+        return Grant()
+    if row is None and not ask.fresh and not ask.close:
+        return Grant(lost=True)
+    if row is not None and ask.back > 0:
+        conn.execute("UPDATE reservations SET stream = MAX(0, stream - ?) WHERE id = ?", (ask.back, ask.id))
+    if ask.close or ask.want <= 0:
+        return Grant()
+    in_use = conn.execute("SELECT COALESCE(SUM(stream), 0) FROM reservations WHERE key_id = ? AND stream > 0",
+                          (ask.key_id,)).fetchone()[0]
+    grant = slot_grant(ask, in_use)
+    if grant:
+        conn.execute("INSERT INTO reservations VALUES (?, ?, ?, 0, 0, 0.0, ?, '[]') ON CONFLICT (id) DO UPDATE "
+                     "SET stream = stream + excluded.stream", (ask.id, owner, ask.key_id, grant))
+    return Grant(slots=grant)
 
 
 def _lease_budget(conn: sqlite3.Connection, owner: str, ask: BudgetAsk) -> Grant:

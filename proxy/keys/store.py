@@ -18,8 +18,11 @@ Rules:
 - *lease* (proxy/keys/leases.py) is the same atomic step for an allowance instead of one request:
   a budget lease is a reservation row of the process (usd = what it may still spend, released
   with the process like any other); a rate lease adds its requests and tokens to the key's window
-  in the bucket of its last usable second. A lease never takes more than 1/LEASE_SHARE of what is
-  left, and none is granted when that would cover fewer than the asker's `least`.
+  in the bucket of its last usable second; a slot lease (stream slots of a key with max_parallel)
+  is a reservation row whose `stream` counts its slots (Redis: a field of pl:<key>), so the
+  parallel count a reserve checks is every per-request stream plus every lease's slots. A lease
+  never takes more than 1/LEASE_SHARE of what is left of a budget or window (1/SLOT_SHARE of the
+  free slots), and none is granted when that would cover fewer than the asker's `least`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from proxy.keys.records import KeyRecord
 
 WINDOW = 60          # seconds of a sliding rate window (one-second buckets)
 LEASE_SHARE = 8      # a lease takes at most this fraction (1/8) of what is left of a budget or window
+SLOT_SHARE = 2       # a slot lease takes at most half of a key's free stream slots
 SPEND_GROUPS = ("key", "team", "model")
 
 
@@ -70,6 +74,7 @@ class Verdict:
     requests_reset: float = 0.0       # seconds until the oldest counted request leaves the window
     tokens_reset: float = 0.0
     remaining_usd: float | None = None  # of the key's own budget, after this reservation
+    leased_elsewhere: int = 0         # refused for max_parallel: stream slots other processes' leases hold
 
 
 @dataclass(slots=True)
@@ -117,10 +122,24 @@ class RateAsk:
 
 
 @dataclass(slots=True)
+class SlotAsk:
+    """Give back unused stream slots of a key's slot lease, then ask for more (or close it)."""
+    id: str                           # the lease's reservation row
+    key_id: str
+    max_parallel: int
+    back: int = 0
+    want: int = 0
+    least: int = 1
+    fresh: bool = True                # False: the row must exist (it was released: the lease is lost)
+    close: bool = False
+
+
+@dataclass(slots=True)
 class Grant:
     usd: float = 0.0
     requests: int = 0
     tokens: int = 0
+    slots: int = 0
     spend: float = 0.0                # the budget's spend and reserved (this grant included) at the grant
     reserved: float = 0.0
     window_requests: int = 0          # the key's window (this grant included)
@@ -145,6 +164,14 @@ def rate_grant(ask: RateAsk, requests: int, tokens: int) -> tuple[int, int]:
     if ask.tpm:
         t = min(t, (ask.tpm - tokens) // LEASE_SHARE)
     return (0, 0) if r < ask.least_requests or t < ask.least_tokens or r <= 0 else (r, t)
+
+
+def slot_grant(ask: SlotAsk, in_use: int) -> int:
+    """How many stream slots a lease gets, `in_use` counting every stream and lease of the key."""
+    if ask.want <= 0:
+        return 0
+    grant = min(ask.want, (ask.max_parallel - in_use) // SLOT_SHARE)
+    return grant if grant >= ask.least and grant > 0 else 0
 
 
 @dataclass(slots=True)
@@ -187,7 +214,7 @@ class Store(Protocol):
 
     async def heartbeat(self, owner: str, now: float, stale_after: float) -> int: ...
 
-    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk]) -> list[Grant]: ...
+    async def lease(self, owner: str, now: float, asks: list[BudgetAsk | RateAsk | SlotAsk]) -> list[Grant]: ...
 
 
 # -- periods: UTC calendar days and months --

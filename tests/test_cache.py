@@ -329,7 +329,7 @@ async def test_replay_original_keeps_the_providers_gaps(nursery, fake, replay):
         assert entry.offsets is None
         return
     gaps = [b - a for a, b in zip(entry.offsets, entry.offsets[1:]) if b > a]
-    assert len(gaps) >= 3 and all(gap >= 0.14 for gap in gaps[-3:]), entry.offsets
+    assert sum(gap >= 0.14 for gap in gaps) >= 3, entry.offsets  # the token gaps (the last events follow at once)
     assert second[-1][0] - second[0][0] >= 0.42  # 3 gaps of >= 0.15 s between the 4 tokens
 
 

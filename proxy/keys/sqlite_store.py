@@ -11,7 +11,8 @@ Rules:
   budgets. WAL keeps readers (the CLI) from blocking writers; synchronous=NORMAL (no fsync per
   commit: a power cut may lose the last commits, never corrupt the file).
 - Settles (fire and forget) wait in a deque without waking the thread; they join the next
-  transaction, at the latest SETTLE_EVERY (50 ms) later: one commit for all of them. A reserve
+  transaction, at the latest SETTLE_EVERY (50 ms) later: one commit for all of them, their spend
+  summed per counter and spend row before it is written (`_settle_all`). A reserve
   holds a request, so it wakes the thread at once.
 - Both queues are bounded by MAX_QUEUE operations (about 200 bytes each): a settle that finds its
   full is logged and dropped rather than block; a reserve that finds it full is a 503.
@@ -135,7 +136,8 @@ class SqliteStore:
             # never runs before the reserve it releases (queued before it).
             full = len(batch) == MAX_BATCH
             settles = [] if full else [self._settles.popleft() for _ in range(len(self._settles))]
-            batch += [(_settle, (settle,), attempt) for settle, attempt in settles]
+            if settles:  # one operation: their spend summed per counter and row (see _settle_all)
+                batch.append((_settle_all, ([settle for settle, _ in settles],), 0))
             leased = _leased(settle for settle, _ in settles)
             if leased is not None:  # after the settles: one statement per lease, not per request
                 batch.append((_lease_settles, leased, 0))
@@ -158,11 +160,11 @@ class SqliteStore:
                 conn = None  # reconnect next time: the file may be back
                 failure = StoreUnavailable(f"the key and spend store is unavailable ({type(e).__name__})")
                 results = [(False, failure)] * len(batch)
-                for fn, args, done in batch:  # a settle is tried twice, then logged as lost
-                    if fn is _settle and done == 1:
-                        self._settles.append((args[0], 2))
-                    elif fn is _settle:
-                        log.error("state store: spend of %.6f USD for %s lost", args[0].cost_usd, args[0].key_id)
+                for settle, attempt in settles:  # a settle is tried twice, then logged as lost
+                    if attempt == 1:
+                        self._settles.append((settle, 2))
+                    else:
+                        log.error("state store: spend of %.6f USD for %s lost", settle.cost_usd, settle.key_id)
             answers = [(done, result) for (fn, args, done), result in zip(batch, results) if callable(done)]
             if answers:  # one wake-up of the event loop for the whole batch
                 try:
@@ -360,26 +362,78 @@ def _release(conn: sqlite3.Connection, reservation: str) -> tuple[int, int] | No
     return second, tokens
 
 
+_COUNTERS = ("INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE "
+             "SET spend = spend + excluded.spend")
+_SPEND = ("INSERT INTO spend VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, key_id, team, model) "
+          "DO UPDATE SET spend_usd = spend_usd + excluded.spend_usd, requests = requests + excluded.requests, "
+          "input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens")
+
+
+def _settle_all(conn: sqlite3.Connection, settles: list[Settle]) -> None:
+    """A transaction's settles: each reservation released alone, the spend summed per counter and
+    per spend row first (one upsert each instead of ~7 statements per settle: at 600 requests a
+    second, ~20 settles a transaction, the writer thread's CPU per request drops by about half).
+    A bug in the summing undoes it and falls back to one settle at a time (each alone)."""
+    conn.execute("SAVEPOINT settles")
+    try:
+        counters: dict[tuple[str, str], float] = {}
+        rows: dict[tuple[str, str, str, str], list] = {}
+        for settle in settles:
+            _release_settled(conn, settle)
+            if settle.cost_usd or settle.scopes:
+                for scope in settle.scopes:
+                    for period in spend_periods(settle.now):
+                        counters[(scope, period)] = counters.get((scope, period), 0.0) + settle.cost_usd
+            row = rows.get(where := (day_of(settle.now), settle.key_id, settle.team or "", settle.model))
+            if row is None:
+                rows[where] = [settle.cost_usd, 1, settle.input_tokens, settle.output_tokens]
+            else:
+                row[0] += settle.cost_usd
+                row[1] += 1
+                row[2] += settle.input_tokens
+                row[3] += settle.output_tokens
+        conn.executemany(_COUNTERS, [(scope, period, usd) for (scope, period), usd in counters.items()])
+        conn.executemany(_SPEND, [(*where, *row) for where, row in rows.items()])
+        conn.execute("RELEASE settles")
+    except sqlite3.OperationalError:
+        raise
+    except Exception:  # noqa: BLE001 - a bug: one at a time, so one bad settle loses only itself
+        conn.execute("ROLLBACK TO settles")
+        conn.execute("RELEASE settles")
+        log.exception("state store: summed settles failed; settling one at a time")
+        for settle in settles:
+            conn.execute("SAVEPOINT one")
+            try:
+                _settle(conn, settle)
+                conn.execute("RELEASE one")
+            except sqlite3.OperationalError:
+                raise
+            except Exception:  # noqa: BLE001
+                conn.execute("ROLLBACK TO one")
+                conn.execute("RELEASE one")
+                log.exception("state store: spend of %.6f USD for %s lost", settle.cost_usd, settle.key_id)
+
+
+def _release_settled(conn: sqlite3.Connection, settle: Settle) -> None:
+    """The settle's reservation goes; the window counted its reserved tokens, now the real ones."""
+    if settle.reservation is None:
+        return
+    held = _release(conn, settle.reservation)
+    if held is not None:
+        used = settle.input_tokens + settle.output_tokens
+        if used != held[1]:
+            conn.execute("UPDATE windows SET tokens = MAX(0, tokens + ?) WHERE key_id = ? AND second = ?",
+                         (used - held[1], settle.key_id, held[0]))
+
+
 def _settle(conn: sqlite3.Connection, settle: Settle) -> None:
-    if settle.reservation is not None:
-        held = _release(conn, settle.reservation)
-        if held is not None:
-            # The window counted the reserved tokens; it now counts the real ones.
-            used = settle.input_tokens + settle.output_tokens
-            if used != held[1]:
-                conn.execute("UPDATE windows SET tokens = MAX(0, tokens + ?) WHERE key_id = ? AND second = ?",
-                             (used - held[1], settle.key_id, held[0]))
+    """One settle alone (the fallback of _settle_all)."""
+    _release_settled(conn, settle)
     if settle.cost_usd or settle.scopes:
-        conn.executemany("INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE "
-                         "SET spend = spend + excluded.spend",
-                         [(scope, period, settle.cost_usd) for scope in settle.scopes
-                          for period in spend_periods(settle.now)])
-    conn.execute("INSERT INTO spend VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (day, key_id, team, model) "
-                 "DO UPDATE SET spend_usd = spend_usd + excluded.spend_usd, requests = requests + 1, "
-                 "input_tokens = input_tokens + excluded.input_tokens, "
-                 "output_tokens = output_tokens + excluded.output_tokens",
-                 (day_of(settle.now), settle.key_id, settle.team or "", settle.model, settle.cost_usd,
-                  settle.input_tokens, settle.output_tokens))
+        conn.executemany(_COUNTERS, [(scope, period, settle.cost_usd) for scope in settle.scopes
+                                     for period in spend_periods(settle.now)])
+    conn.execute(_SPEND, (day_of(settle.now), settle.key_id, settle.team or "", settle.model, settle.cost_usd, 1,
+                          settle.input_tokens, settle.output_tokens))
 
 
 def _spend(conn: sqlite3.Connection, group_by: str, first_day: str, last_day: str) -> list[SpendRow]:

@@ -169,26 +169,33 @@ async def ttft_run(port: int, concurrency: int, seconds: float, request: bytes) 
     return ttfts, trio.current_time() - begin
 
 
-def main_ttft(args) -> None:
+def start_cached_gateway(folder: str, tokens: int) -> tuple[list[subprocess.Popen], int, bytes]:
+    """A fake provider and a gateway with a memory cache, each a child process; the request of a
+    `tokens`-token streamed answer (its first ask fills the cache)."""
     fake_port, gw_port = free_port(), free_port()
-    folder = tempfile.mkdtemp()
     config = os.path.join(folder, "gateway.toml")
     with open(config, "w") as f:
         f.write(f"""[server]\nhost = "127.0.0.1"\nport = {gw_port}\n[auth]\nmaster_key_env = "NO_SUCH_VAR_SET"
 [providers.fake]\nkind = "openai"\nbase_url = "http://127.0.0.1:{fake_port}/v1"
 [models."m"]\ndeployments = [{{provider = "fake"}}]
 [cache]\nenabled = true\nbackend = "memory"\n""")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
     procs = [subprocess.Popen([sys.executable, "-m", "proxy", "fake-provider", "--port", str(fake_port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, "-m", "proxy", "--log-level", "WARNING", "serve", "--config", config],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    wait_port(fake_port), wait_port(gw_port)
+    body = orjson.dumps({"model": "m", "stream": True, "temperature": 0, "stream_options": {"include_usage": True},
+                         "messages": [{"role": "user", "content": f'fake: {{"tokens": {tokens}}}\nhello'}]})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return procs, gw_port, request
+
+
+def main_ttft(args) -> None:
+    procs, gw_port, request = start_cached_gateway(tempfile.mkdtemp(), args.tokens)
     try:
-        wait_port(fake_port), wait_port(gw_port)
-        body = orjson.dumps({"model": "m", "stream": True, "temperature": 0, "stream_options": {"include_usage": True},
-                             "messages": [{"role": "user", "content": f'fake: {{"tokens": {args.tokens}}}\nhello'}]})
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                   b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         if os.environ.get("CACHE_BENCH_PAUSE"):
             print("gateway on", gw_port, "request:", request)
             time.sleep(float(os.environ["CACHE_BENCH_PAUSE"]))

@@ -37,10 +37,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
-import orjson  # noqa: E402
 import trio  # noqa: E402
 
-from cache_bench import cpu_seconds, first_content, free_port, ttft_run, wait_port  # noqa: E402
+from cache_bench import cpu_seconds, first_content, free_port, start_cached_gateway, ttft_run, wait_port  # noqa: E402
+from loadtest.bench.floor_hypercorn import answer_lifespan  # noqa: E402
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -111,13 +111,8 @@ async def serve_hypercorn(port: int, first: bytes, rest: bytes) -> None:
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):  # the request body, read and dropped
             pass
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -138,25 +133,6 @@ async def serve_hypercorn(port: int, first: bytes, rest: bytes) -> None:
 def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *argv], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def start_gateway(folder: str, tokens: int) -> tuple[list[subprocess.Popen], int, bytes]:
-    """Fake provider + gateway with a memory cache, configured as `cache_bench.py ttft` does."""
-    fake_port, gw_port = free_port(), free_port()
-    config = os.path.join(folder, "gateway.toml")
-    with open(config, "w") as f:
-        f.write(f"""[server]\nhost = "127.0.0.1"\nport = {gw_port}\n[auth]\nmaster_key_env = "NO_SUCH_VAR_SET"
-[providers.fake]\nkind = "openai"\nbase_url = "http://127.0.0.1:{fake_port}/v1"
-[models."m"]\ndeployments = [{{provider = "fake"}}]
-[cache]\nenabled = true\nbackend = "memory"\n""")
-    procs = [start(["-m", "proxy", "fake-provider", "--port", str(fake_port)]),
-             start(["-m", "proxy", "--log-level", "WARNING", "serve", "--config", config])]
-    wait_port(fake_port), wait_port(gw_port)
-    body = orjson.dumps({"model": "m", "stream": True, "temperature": 0, "stream_options": {"include_usage": True},
-                         "messages": [{"role": "user", "content": f'fake: {{"tokens": {tokens}}}\nhello'}]})
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-               b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    return procs, gw_port, request
 
 
 def fetch(port: int, request: bytes) -> tuple[bytes, bytes]:
@@ -206,7 +182,7 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     procs: list[subprocess.Popen] = []
     try:
-        gateway, gw_port, request = start_gateway(folder, args.tokens)
+        gateway, gw_port, request = start_cached_gateway(folder, args.tokens)
         procs += gateway
         fetch(gw_port, request)  # the miss: the cache's writer stores it beside the relay
         time.sleep(0.3)

@@ -34,16 +34,22 @@ from .floor_pipe import RECV_BYTES, Upstream, floor_main
 BACKLOG = 65535  # hypercorn's default of 100 drops connections when thousands open at once
 
 
+async def answer_lifespan(receive, send) -> None:
+    """Answered, so hypercorn logs no "lifespan unsupported"."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def make_app(upstream: Upstream):
     async def app(scope, receive, send) -> None:
-        if scope["type"] == "lifespan":  # answered, so hypercorn logs no "lifespan unsupported"
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
         body = b""
         while True:  # the whole body first (hypercorn queues at most 10 messages per request)
             message = await receive()

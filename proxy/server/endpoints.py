@@ -16,8 +16,6 @@ import logging
 import time
 from typing import Any, Mapping, Protocol
 
-import trio
-
 from proxy.core.errors import GatewayError
 from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest, parse_embeddings_request
@@ -25,7 +23,7 @@ from proxy.core.usage import Usage
 from proxy.routing.failover import Failover, Served
 from proxy.server.asgi import ClientGone, Receive, Send, send_json, until_disconnect
 from proxy.server.exchange import Exchange, Policies
-from proxy.server.pump import Relay, put
+from proxy.server.pump import Outlet, Relay
 from proxy.server.streams import Streams
 
 
@@ -107,7 +105,9 @@ class ChatEndpoint:
         encoder = self.api.stream_encoder(request, x.usage)
         taps = x.taps
 
-        async def produce(channel: trio.MemorySendChannel) -> None:
+        async def produce(outlet: Outlet) -> None:
+            put = outlet.put  # the first item may go out from this task at once (pump.Outlet)
+
             async def emit(chunks: list[Chunk]) -> None:
                 # One channel item per upstream read: the events of one read travel together.
                 if x.first_token_at is None and any(chunk.visible for chunk in chunks):
@@ -115,7 +115,7 @@ class ChatEndpoint:
                 for tap in taps:
                     tap(chunks)
                 if out := encoder.encode(chunks):
-                    await put(channel, out)
+                    await put(out)
 
             if x.answer is not None:
                 await x.answer.stream(emit)
@@ -128,7 +128,7 @@ class ChatEndpoint:
                     x.cache, x.answer = "stale", x.stale  # nothing was sent yet: the expired entry serves
                     await x.stale.stream(emit)
             if out := encoder.finish():
-                await put(channel, out)
+                await put(out)
 
         def done(relay: Relay) -> None:
             self._done(x, request, relay.outcome, relay.bytes_written)

@@ -25,6 +25,9 @@ Rules:
   silently succeeds), so the watchdog watches `receive()` and cancels the nursery.
 - Each item is written as soon as it arrives; only items already queued are joined into one
   write (no added latency, ~10x fewer sends under load).
+- The first item (headers + first token) is written by the reader itself when the writer is
+  idle (`Outlet.put`): one scheduler round less to a new stream's first token, which under
+  overload is a turn of every other stream. Everything after goes through the channel.
 - Errors travel through the channel in order (a `Finish` item), behind the events that preceded them. Before the
   first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
   it becomes an error event in the client's format (`error_event`) and the stream ends without
@@ -73,10 +76,7 @@ class Finish:
     error: GatewayError | None = None
 
 
-Producer = Callable[[trio.MemorySendChannel], Awaitable[None]]
-
-
-async def put(channel: trio.MemorySendChannel, item: bytes) -> None:
+async def put(channel: trio.MemorySendChannel | Outlet, item: bytes) -> None:
     """What a producer uses instead of `channel.send`: no scheduler round trip when there is
     room. The reader has just yielded in its socket receive, so this stays fair, saves a step per
     event, and under overload a new stream's first token waits one batch of other tasks less."""
@@ -86,6 +86,34 @@ async def put(channel: trio.MemorySendChannel, item: bytes) -> None:
     except trio.WouldBlock:
         pass
     await channel.send(item)  # full: the client is slow, wait (outside the handler)
+
+
+class Outlet:
+    """What a producer writes to: the relay's channel (`send`, `send_nowait`, as a channel's),
+    plus `put`, which is `put()` above with one more shortcut for the stream's first bytes."""
+
+    __slots__ = ("_channel", "_first", "_relay", "send", "send_nowait")
+
+    def __init__(self, relay: Relay, channel: trio.MemorySendChannel):
+        self.send, self.send_nowait = channel.send, channel.send_nowait
+        self._relay, self._channel = relay, channel
+        self._first = True
+
+    async def put(self, item: bytes) -> None:
+        if self._first:
+            self._first = False
+            if self._relay._writer_idle(self._channel):
+                await self._relay._write_first(item)
+                return
+        try:
+            self.send_nowait(item)
+            return
+        except trio.WouldBlock:
+            pass
+        await self.send(item)  # full: the client is slow, wait (outside the handler)
+
+
+Producer = Callable[[Outlet], Awaitable[None]]
 
 
 class Relay:
@@ -105,6 +133,7 @@ class Relay:
         self._write_began: float | None = None  # set while a write is pending
         self._last_write = 0.0
         self._headers_sent = False
+        self._first_writing = False  # the reader is writing the first bytes (_write_first)
         self.state = StreamState.PENDING
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
@@ -121,9 +150,11 @@ class Relay:
         return "ok"
 
     def abort(self, error: GatewayError) -> None:
-        """End the stream with `error` (e.g. drain timeout): stop reading, tell the client."""
+        """End the stream with `error` (e.g. drain timeout): stop reading, tell the client. During
+        the reader's first write, once that write is done (`_write_first`)."""
         self._abort = error
-        self._reader_scope.cancel()
+        if not self._first_writing:
+            self._reader_scope.cancel()
 
     async def run(self, produce: Producer) -> None:
         """Relay until the producer finishes, the client leaves, or a write stalls.
@@ -138,7 +169,7 @@ class Relay:
                 nursery.start_soon(self._write_all, receive_channel, nursery.cancel_scope)
                 # The reader runs in the request's own task: the upstream request goes out now,
                 # not one scheduler round later (under load, a round is every other stream's turn).
-                await self._read(produce, send_channel)
+                await self._read(produce, Outlet(self, send_channel))
         except* ClientStalled:
             self.state = StreamState.STALLED
             self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
@@ -179,11 +210,11 @@ class Relay:
 
     # -- reader --
 
-    async def _read(self, produce: Producer, channel: trio.MemorySendChannel) -> None:
-        async with channel:
+    async def _read(self, produce: Producer, outlet: Outlet) -> None:
+        async with outlet._channel as channel:
             with self._reader_scope:
                 try:
-                    await produce(channel)
+                    await produce(outlet)
                 except GatewayError as error:
                     await channel.send(Finish(error))
                     return
@@ -192,6 +223,37 @@ class Relay:
                     await channel.send(Finish(GatewayError("internal error while streaming")))
                     return
             await channel.send(Finish(self._abort))  # None: a clean end
+
+    # -- the first write, from the reader --
+
+    def _writer_idle(self, channel: trio.MemorySendChannel) -> bool:
+        """Nothing written or being written, nothing queued or handed to the writer (a keep-alive):
+        the writer is parked in its `receive()` with nothing to do."""
+        if self._headers_sent or self._write_began is not None:
+            return False
+        stats = channel.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
+
+    async def _write_first(self, data: bytes) -> None:
+        """The stream's first bytes (headers + first token), written by the reader itself when
+        the writer is idle: handing them to the writer costs a scheduler round, and under
+        overload every round on a new stream's way to its first token is a turn of every other
+        stream (bench.md, 2h). Later items go through the channel as before.
+
+        Not shielded: an abort (a drain) that comes meanwhile waits for the write to finish
+        (`abort`), since a cancel inside hypercorn's send, after h11 recorded the head and
+        before its bytes went out, would leave the connection unable to carry the error event
+        that follows. A stall or a disconnect cancels it as it would cancel the writer (the
+        connection is done then); a write stuck in hypercorn's own shielded socket send holds
+        the reader until the kernel fails it (TCP_USER_TIMEOUT = write_timeout, serve.py): only
+        when the socket buffer is already full before a stream's first bytes."""
+        self._first_writing = True
+        try:
+            await self._out(data)
+        finally:
+            self._first_writing = False
+        if self._abort is not None:
+            self._reader_scope.cancel()  # the abort that came during the write
 
     # -- writer --
 

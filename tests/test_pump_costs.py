@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from proxy.core.sse import DONE, encode_event
-from proxy.server.pump import KEEPALIVE as KEEPALIVE_COMMENT, Relay, put
+from proxy.server.pump import KEEPALIVE as KEEPALIVE_COMMENT, Relay
 
 EVENTS = 200
 WARMUP = 10
@@ -126,9 +126,9 @@ async def measure(counter: Counter, relay_class: type[Relay] = Relay) -> Costs:
     upstream_send, upstream = trio.open_memory_channel(0)
     window = []
 
-    async def produce(channel):  # as the endpoints' producer: pump.put
+    async def produce(outlet):  # as the endpoints' producer: Outlet.put
         async for item in upstream:
-            await put(channel, item)
+            await outlet.put(item)
 
     async def pace():  # the provider: one event per SPACING
         counter.ignored.add(trio.lowlevel.current_task())

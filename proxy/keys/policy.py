@@ -15,7 +15,8 @@ Rules:
   max_parallel, a stream slot), admit takes it there, without the store. A request the leases
   cannot hold waits for one renewal, then takes the one atomic reserve above; only that refuses
   (a stream refused for max_parallel while other processes lease slots of its key is asked once
-  more after REFUSED_RETRY: the slots they do not use are back by then). Its x-ratelimit-remaining-* are then this process's view:
+  more after REFUSED_RETRY: the slots they do not use are back by then). Its
+  x-ratelimit-remaining-* are then this process's view:
   the key's window at the last lease plus what this process has not used of it (other
   processes' use since is not seen). Leases serve only while the store answered the refresh
   within the last second: a store that stops answering is failed closed (or open) as before,

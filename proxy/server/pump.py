@@ -76,21 +76,9 @@ class Finish:
     error: GatewayError | None = None
 
 
-async def put(channel: trio.MemorySendChannel | Outlet, item: bytes) -> None:
-    """What a producer uses instead of `channel.send`: no scheduler round trip when there is
-    room. The reader has just yielded in its socket receive, so this stays fair, saves a step per
-    event, and under overload a new stream's first token waits one batch of other tasks less."""
-    try:
-        channel.send_nowait(item)
-        return
-    except trio.WouldBlock:
-        pass
-    await channel.send(item)  # full: the client is slow, wait (outside the handler)
-
-
 class Outlet:
     """What a producer writes to: the relay's channel (`send`, `send_nowait`, as a channel's),
-    plus `put`, which is `put()` above with one more shortcut for the stream's first bytes."""
+    and `put`, which producers use instead of `send`."""
 
     __slots__ = ("_channel", "_first", "_relay", "send", "send_nowait")
 
@@ -100,6 +88,10 @@ class Outlet:
         self._first = True
 
     async def put(self, item: bytes) -> None:
+        """No scheduler round trip when there is room: the reader has just yielded in its socket
+        receive, so this stays fair, saves a step per event, and under overload a new stream's
+        first token waits one batch of other tasks less. The first item may go out from the
+        reader itself (`Relay._write_first`)."""
         if self._first:
             self._first = False
             if self._relay._writer_idle(self._channel):

@@ -182,3 +182,39 @@ async def test_summed_settles_equal_one_at_a_time_and_a_bad_one_loses_only_itsel
         assert "lost" in caplog.text and "k9" in caplog.text
     finally:
         await store.aclose()
+
+
+async def test_an_idle_sqlite_writer_sleeps_until_there_is_work(tmp_path):
+    """No settle waiting, nothing queued: the writer thread does not wake up (it polled every
+    50 ms before); a settle wakes it and lands within SETTLE_EVERY."""
+    import queue as queues
+
+    class Counting(queues.Queue):
+        gets = 0
+
+        def get(self, *args, **kwargs):
+            Counting.gets += 1
+            return super().get(*args, **kwargs)
+
+    store = SqliteStore(str(tmp_path / "idle.db"))
+    store._queue = Counting(store._queue.maxsize)
+    await store.open()
+    try:
+        await store.flush()
+        await trio.sleep(0.1)
+        before = Counting.gets
+        await trio.to_thread.run_sync(time.sleep, 0.5)  # idle (a real wait: the thread runs on its own)
+        assert Counting.gets - before <= 1
+        store.settle_nowait(Settle(None, "k1", None, "m", NOW, 0.5, 1, 1, ("global",)))
+        await trio.to_thread.run_sync(time.sleep, 0.3)  # no store call: only the wake-up commits it
+
+        def committed() -> float:
+            import sqlite3
+            with sqlite3.connect(str(tmp_path / "idle.db")) as db:
+                row = db.execute("SELECT spend FROM counters WHERE scope = 'global' AND period = ?",
+                                 (spend_periods(NOW)[1],)).fetchone()
+            return row[0] if row else 0.0
+
+        assert await trio.to_thread.run_sync(committed) == pytest.approx(0.5)
+    finally:
+        await store.aclose()

@@ -78,6 +78,7 @@ MIGRATIONS: list[str] = [
 _KEY_COLUMNS = ("id", "hash", "prefix", "name", "team", "models", "rpm", "tpm", "max_parallel", "budget_usd",
                 "budget_period", "expires_at", "metadata", "created_at", "revoked")
 _STOP = object()
+_WAKE = object()  # the first settle after an idle spell: the thread starts its SETTLE_EVERY wait
 
 
 class SqliteStore:
@@ -119,19 +120,23 @@ class SqliteStore:
         stopping = False
         while not stopping:
             # Settles wait in their deque (no wake-up per settle) until an awaited operation comes
-            # or SETTLE_EVERY passes: then everything goes in one transaction.
+            # or SETTLE_EVERY passes: then everything goes in one transaction. With no settle
+            # waiting the thread sleeps until an operation or the next settle (_WAKE) comes: an
+            # idle gateway wakes it not at all (was 20 times a second).
             try:
-                batch = [self._queue.get(timeout=SETTLE_EVERY)]
+                batch = [self._queue.get(timeout=SETTLE_EVERY if self._settles else None)]
             except queue.Empty:
                 batch = []
+            if batch == [_WAKE]:
+                continue  # settles are waiting now: give them SETTLE_EVERY to gather
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if _STOP in batch:
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
+            if _STOP in batch or _WAKE in batch:
+                stopping = _STOP in batch
+                batch = [item for item in batch if item is not _STOP and item is not _WAKE]
             # Settles after the awaited operations, and only once those are all taken: a settle
             # never runs before the reserve it releases (queued before it).
             full = len(batch) == MAX_BATCH
@@ -238,6 +243,11 @@ class SqliteStore:
 
     def settle_nowait(self, settle: Settle) -> None:
         if len(self._settles) < MAX_QUEUE:
+            if not self._settles:  # the thread may be asleep with nothing to wait for: wake it
+                try:                # (only this loop appends; only the thread empties)
+                    self._queue.put_nowait(_WAKE)
+                except queue.Full:
+                    pass  # the thread has work queued: it looks at the settles when done
             self._settles.append((settle, 1))  # thread-safe, no lock, no wake-up: the thread looks
         else:
             log.error("state store queue full: spend of %.6f USD for %s not recorded", settle.cost_usd,

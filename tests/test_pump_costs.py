@@ -241,7 +241,8 @@ class TaskPerWrite(Relay):
             await super()._write(channel)
 
     async def _out(self, data, **kwargs):
-        self._spare.start_soon(self._note, len(data))
+        if hasattr(self, "_spare"):  # the reader's first write comes before the writer starts
+            self._spare.start_soon(self._note, len(data))
         await super()._out(data, **kwargs)
 
     async def _note(self, size):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, Protocol
+from typing import Any, Awaitable, Mapping, Protocol
 
 from proxy.core.errors import GatewayError
 from proxy.core.events import Chunk
@@ -101,7 +101,9 @@ class ChatEndpoint:
             x.cache, x.answer = "stale", x.stale  # every provider failed: the expired entry serves
             return x.stale.completion()
 
-    async def _stream(self, x: Exchange, request: ChatRequest, receive: Receive, send: Send) -> None:
+    def _stream(self, x: Exchange, request: ChatRequest, receive: Receive, send: Send) -> Awaitable[None]:
+        """The relay, for the caller to await at once: not a coroutine of its own, whose frame would
+        live as long as the stream."""
         encoder = self.api.stream_encoder(request, x.usage)
         taps = x.taps
 
@@ -133,8 +135,8 @@ class ChatEndpoint:
         def done(relay: Relay) -> None:
             self._done(x, request, relay.outcome, relay.bytes_written)
 
-        await self._streams.relay(send, receive, produce, headers=lambda: response_headers(x), done=done,
-                                  error_event=self.api.error_event)
+        return self._streams.relay(send, receive, produce, headers=lambda: response_headers(x), done=done,
+                                   error_event=self.api.error_event)
 
     def _done(self, x: Exchange, request: ChatRequest, outcome: str, bytes_out: int | None = None) -> None:
         x.outcome = outcome

@@ -28,6 +28,9 @@ Rules:
 - The first item (headers + first token) is written by the reader itself when the writer is
   idle (`Outlet.put`): one scheduler round less to a new stream's first token, which under
   overload is a turn of every other stream. Everything after goes through the channel.
+- A stream waiting for its first token holds no channel and no writer task (~4 KB a held stream):
+  both are made when the first item goes through the channel (`Outlet`), so a held stream is the
+  reader waiting on the provider and the watchdog waiting on the client.
 - Errors travel through the channel in order (a `Finish` item), behind the events that preceded them. Before the
   first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
   it becomes an error event in the client's format (`error_event`) and the stream ends without
@@ -77,15 +80,36 @@ class Finish:
 
 
 class Outlet:
-    """What a producer writes to: the relay's channel (`send`, `send_nowait`, as a channel's),
-    and `put`, which producers use instead of `send`."""
+    """What a producer writes to: the relay's channel (`send`, `send_nowait`, as a channel's;
+    the first call makes the channel and starts the writer), and `put`, which producers use
+    instead of `send`."""
 
     __slots__ = ("_channel", "_first", "_relay", "send", "send_nowait")
 
-    def __init__(self, relay: Relay, channel: trio.MemorySendChannel):
-        self.send, self.send_nowait = channel.send, channel.send_nowait
-        self._relay, self._channel = relay, channel
+    def __init__(self, relay: Relay):
+        self._relay = relay
+        self._channel: trio.MemorySendChannel | None = None
         self._first = True
+        # The channel and the writer task are made with the first item that goes through the
+        # channel: a stream waiting for its first token holds neither (a task, its coroutines,
+        # the channel's deque and task sets: ~4 KB).
+        self.send, self.send_nowait = self._send_starting, self._send_nowait_starting
+
+    def _start_writer(self) -> None:
+        channel = self._channel = self._relay._start_writer()
+        self.send, self.send_nowait = channel.send, channel.send_nowait
+
+    async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.aclose()
+
+    async def _send_starting(self, item: bytes | Finish) -> None:
+        self._start_writer()
+        await self._channel.send(item)
+
+    def _send_nowait_starting(self, item: bytes | Finish) -> None:
+        self._start_writer()
+        self._channel.send_nowait(item)
 
     async def put(self, item: bytes) -> None:
         """No scheduler round trip when there is room: the reader has just yielded in its socket
@@ -112,7 +136,8 @@ class Relay:
     def __init__(self, send: Send, receive: Receive, *, write_timeout: float, buffer: int,
                  keepalive_interval: float,
                  headers: Callable[[], list[tuple[bytes, bytes]]] = list,
-                 error_event: Callable[[GatewayError], bytes] = openai_error_event):
+                 error_event: Callable[[GatewayError], bytes] = openai_error_event,
+                 ended: tuple[Callable[[Relay], None], ...] = ()):
         self._send = send
         self._receive = receive
         self._write_timeout = write_timeout
@@ -121,6 +146,8 @@ class Relay:
         self._headers = headers  # evaluated at the first write: routing may still be deciding
         self._error_event = error_event  # how a failure after the first byte is told (client format)
         self._reader_scope = trio.CancelScope()
+        self._ended = ended  # called with the relay when `run` ends, whatever happened
+        self._nursery: trio.Nursery | None = None
         self._abort: GatewayError | None = None
         self._write_began: float | None = None  # set while a write is pending
         self._last_write = 0.0
@@ -153,18 +180,40 @@ class Relay:
 
         Raises the upstream error if it came before any byte was sent (caller answers with it).
         """
-        send_channel, receive_channel = trio.open_memory_channel(self._buffer)
         self._last_write = trio.current_time()
+        outlet = Outlet(self)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, nursery.cancel_scope, send_channel)
-                nursery.start_soon(self._write_all, receive_channel, nursery.cancel_scope)
+                self._nursery = nursery  # the writer starts in it with the first channel item (Outlet)
+                nursery.start_soon(self._watch, nursery.cancel_scope, outlet)
                 # The reader runs in the request's own task: the upstream request goes out now,
                 # not one scheduler round later (under load, a round is every other stream's turn).
-                await self._read(produce, Outlet(self, send_channel))
+                # Inline, not a method of its own: one coroutine frame less for the stream's life.
+                try:
+                    failed: Finish | None = None
+                    sent = False
+                    with self._reader_scope:
+                        try:
+                            await produce(outlet)
+                        except GatewayError as error:
+                            failed = Finish(error)
+                        except Exception:
+                            log.exception("relay: producer failed")
+                            failed = Finish(GatewayError("internal error while streaming"))
+                        if failed is not None:
+                            await outlet.send(failed)
+                            sent = True
+                    if not sent:  # a clean end (abort None), or an abort (also during the send above)
+                        await outlet.send(Finish(self._abort))
+                finally:
+                    await outlet.aclose()  # the writer sees the end once the queue is empty
         except* ClientStalled:
             self.state = StreamState.STALLED
             self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
+        finally:
+            self._nursery = None
+            for end in self._ended:  # the open streams' bookkeeping, the log line (streams.py)
+                end(self)
         if self.state is StreamState.FAILED and not self._headers_sent:
             raise self.failure
 
@@ -176,8 +225,8 @@ class Relay:
             return self._write_began + self._write_timeout
         return min(self._last_write + self._keepalive, now + self._write_timeout)
 
-    async def _watch(self, cancel_relay: trio.CancelScope, keepalive: trio.MemorySendChannel) -> None:
-        """`keepalive` is the reader's own channel: once the reader closed it, none is needed."""
+    async def _watch(self, cancel_relay: trio.CancelScope, keepalive: Outlet) -> None:
+        """`keepalive` is the reader's own outlet: once the reader closed it, none is needed."""
         while True:
             with trio.CancelScope(deadline=self._alarm_at(trio.current_time())):
                 message = await self._receive()
@@ -200,29 +249,15 @@ class Relay:
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     pass  # full: the writer has work; closed: the producer is done
 
-    # -- reader --
-
-    async def _read(self, produce: Producer, outlet: Outlet) -> None:
-        async with outlet._channel as channel:
-            with self._reader_scope:
-                try:
-                    await produce(outlet)
-                except GatewayError as error:
-                    await channel.send(Finish(error))
-                    return
-                except Exception:
-                    log.exception("relay: producer failed")
-                    await channel.send(Finish(GatewayError("internal error while streaming")))
-                    return
-            await channel.send(Finish(self._abort))  # None: a clean end
-
     # -- the first write, from the reader --
 
-    def _writer_idle(self, channel: trio.MemorySendChannel) -> bool:
+    def _writer_idle(self, channel: trio.MemorySendChannel | None) -> bool:
         """Nothing written or being written, nothing queued or handed to the writer (a keep-alive):
         the writer is parked in its `receive()` with nothing to do."""
         if self._headers_sent or self._write_began is not None:
             return False
+        if channel is None:
+            return True  # no writer yet: nothing went through a channel (Outlet)
         stats = channel.statistics()
         return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
 
@@ -248,6 +283,12 @@ class Relay:
             self._reader_scope.cancel()  # the abort that came during the write
 
     # -- writer --
+
+    def _start_writer(self) -> trio.MemorySendChannel:
+        """The channel and its writer (Outlet: on the first item through it); the channel's send end."""
+        send_channel, receive_channel = trio.open_memory_channel(self._buffer)
+        self._nursery.start_soon(self._write_all, receive_channel, self._nursery.cancel_scope)
+        return send_channel
 
     async def _write_all(self, channel: trio.MemoryReceiveChannel, relay: trio.CancelScope) -> None:
         await self._write(channel)

@@ -6,7 +6,7 @@ with the pump settings of `[server]`. The endpoints get this object, never the w
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 from proxy.config import ServerConfig
 from proxy.core.errors import GatewayError
@@ -27,24 +27,26 @@ class Streams:
     def __iter__(self) -> Iterator[Relay]:
         return iter(list(self._open))
 
-    async def relay(self, send: Send, receive: Receive, produce: Producer, *,
-                    headers: Callable[[], Headers], done: Callable[[Relay], None],
-                    error_event: Callable[[GatewayError], bytes] = openai_error_event) -> None:
-        """One streaming response; `done(relay)` runs at the end whatever happened (the log line).
+    def relay(self, send: Send, receive: Receive, produce: Producer, *,
+              headers: Callable[[], Headers], done: Callable[[Relay], None],
+              error_event: Callable[[GatewayError], bytes] = openai_error_event) -> Awaitable[None]:
+        """One streaming response, for the caller to await at once; `done(relay)` runs at the end
+        whatever happened (the log line).
 
         Raises the upstream error when it came before any byte (the caller answers with it).
+        Not a coroutine of its own: the caller awaits the relay's `run`, which calls `_end` and
+        `done` as it ends (one coroutine frame less for a stream's whole life).
         """
         server = self._server
         relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
                       keepalive_interval=server.keepalive_interval, headers=headers,
-                      error_event=error_event)
+                      error_event=error_event, ended=(self._end, done))
         self._open.add(relay)
-        try:
-            await relay.run(produce)
-        finally:
-            self._open.discard(relay)
-            self.ended += 1
-            done(relay)
+        return relay.run(produce)
+
+    def _end(self, relay: Relay) -> None:
+        self._open.discard(relay)
+        self.ended += 1
 
     def abort_all(self, error: GatewayError) -> None:
         for relay in list(self._open):

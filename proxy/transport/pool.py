@@ -37,13 +37,14 @@ from typing import AsyncIterator
 import httpx
 import trio
 
-from proxy.core.http1 import ProtocolError, ResponseDecoder, encode_chunk, encode_head
+from proxy.core.http1 import Head, ProtocolError, ResponseDecoder, encode_chunk, encode_head
 
 RECEIVE_BYTES = 65536  # per socket receive
 MAX_DECODED = 65536  # bytes of inflated output per read: the memory bound of a compressed body
 Origin = tuple[bytes, bytes, int]
 _FRAMING = (b"content-length", b"transfer-encoding")
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_KEEP_ALIVE_HEAD, _CLOSE_HEAD = Head(200, {}, True), Head(200, {}, False)  # stand-ins (_exchange)
 
 
 class _Connection:
@@ -190,6 +191,9 @@ class SocketPoolTransport(httpx.AsyncBaseTransport):
         if issubclass(stream_class, _InflatingStream):  # the caller sees the decoded body's headers
             headers = [(n, v) for n, v in headers if n.lower() not in (b"content-encoding", b"content-length")]
         stream = stream_class(self, origin, conn, decoder, b"".join(pieces))
+        # The stream's decoder needs only whether the head allowed keep-alive: the parsed head's
+        # dict and field tuples (~1 KB) would otherwise live as long as the stream.
+        decoder.head = _KEEP_ALIVE_HEAD if response_head.keep_alive else _CLOSE_HEAD
         return httpx.Response(
             status_code=response_head.status, headers=headers, stream=stream, request=request,
             extensions={"http_version": b"HTTP/" + response_head.http_version,

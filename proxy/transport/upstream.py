@@ -22,9 +22,7 @@ Rules, each from a measured failure (see PLATFORM-NOTES):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import AsyncIterator
 
 import httpx
 import trio
@@ -119,30 +117,15 @@ class Upstream:
             raise _translate(e, adapter.name) from None
         raise adapter.parse_error(status, headers, body)
 
-    @contextlib.asynccontextmanager
-    async def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
-                     ttft_deadline: float = math.inf) -> AsyncIterator[Body]:
-        """Open a streaming response; yields its `Body`.
+    def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
+               ttft_deadline: float = math.inf) -> _Streaming:
+        """Open a streaming response: `async with upstream.stream(...) as body`, a `Body`.
 
         Error statuses raise before anything is yielded, so the caller can still answer with a
         proper HTTP status. Leaving the block (normally or by cancellation) closes the socket
         unless the body was read to its clean end (then it goes back to the pool).
         """
-        config = self._configs[adapter.name]
-        first_byte = trio.current_time() + config.first_byte_timeout
-        first = min(first_byte, ttft_deadline)
-        async with self._slots[adapter.name]:
-            with trio.CancelScope(deadline=first) as timer:
-                stream = await self._open(adapter, wire, config)
-                try:
-                    yield Body(stream, timer, config.read_timeout, adapter.name)
-                finally:
-                    await stream.aclose()  # never awaits I/O: closes or pools the socket
-            if timer.cancelled_caught:
-                if timer.deadline == first and ttft_deadline < first_byte:
-                    raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
-                which = "first_byte_timeout" if timer.deadline == first else "read_timeout"
-                raise UpstreamTimeout(f"provider {adapter.name} timed out ({which})")
+        return _Streaming(self, adapter, wire, ttft_deadline)
 
     async def request(self, adapter: ProviderAdapter, wire: WireRequest) -> bytes:
         """A non-streaming call: the whole body, or the provider's error as a GatewayError."""
@@ -179,6 +162,73 @@ async def _read_all(stream: ResponseStream, timer: trio.CancelScope, config: Pro
                                 f"({config.max_response_bytes})")
         timer.deadline = trio.current_time() + config.read_timeout
     return bytes(body)
+
+
+class _Streaming:
+    """`Upstream.stream`'s block: the provider's slot, then the request's one timer, then the body.
+
+    A class, not an asynccontextmanager: a generator's frame, its context manager's dict and
+    argument tuple (which kept the sent request's bytes) would live as long as the stream, ~1 KB
+    per held stream. Enters and exits exactly as the nested blocks did:
+        async with slot: with CancelScope(deadline=first) as timer: stream = open(); yield Body
+    """
+
+    __slots__ = ("_upstream", "_adapter", "_wire", "_ttft_deadline", "_first_byte", "_first", "_slot",
+                 "_timer", "_stream")
+
+    def __init__(self, upstream: Upstream, adapter: ProviderAdapter, wire: WireRequest, ttft_deadline: float):
+        self._upstream, self._adapter, self._wire, self._ttft_deadline = upstream, adapter, wire, ttft_deadline
+
+    async def __aenter__(self) -> Body:
+        upstream, adapter = self._upstream, self._adapter
+        config = upstream._configs[adapter.name]
+        self._first_byte = trio.current_time() + config.first_byte_timeout
+        self._first = min(self._first_byte, self._ttft_deadline)
+        wire, self._wire = self._wire, None  # sent once: not kept for the stream's life
+        slot = self._slot = upstream._slots[adapter.name]
+        await slot.__aenter__()
+        timer = self._timer = trio.CancelScope(deadline=self._first)
+        timer.__enter__()
+        try:
+            self._stream = await upstream._open(adapter, wire, config)
+        except BaseException as exc:
+            error = exc  # left outside the handler: a timeout raised below is not chained to it
+        else:
+            return Body(self._stream, timer, config.read_timeout, adapter.name)
+        del wire
+        try:
+            await self._leave(error)  # raises the timeout when the timer caught the error
+            raise error
+        finally:
+            del error
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        stream, self._stream = self._stream, None
+        try:
+            await stream.aclose()  # never awaits I/O: closes or pools the socket
+        except BaseException as close_error:  # the timer and the slot are still left, in order
+            await self._leave(close_error)
+            raise
+        return await self._leave(exc)
+
+    async def _leave(self, exc: BaseException | None) -> bool:
+        """Exit the timer's scope, then the slot; a firing of the timer becomes our timeout error."""
+        timer = self._timer
+        try:
+            if exc is None:
+                swallowed = timer.__exit__(None, None, None)
+            else:
+                swallowed = timer.__exit__(type(exc), exc, exc.__traceback__)
+            if timer.cancelled_caught:
+                name = self._adapter.name
+                if timer.deadline == self._first and self._ttft_deadline < self._first_byte:
+                    raise FirstTokenTimeout(f"provider {name}: no first token within the ttft_timeout")
+                which = "first_byte_timeout" if timer.deadline == self._first else "read_timeout"
+                raise UpstreamTimeout(f"provider {name} timed out ({which})")
+        finally:
+            await self._slot.__aexit__(None, None, None)
+        return bool(swallowed)
 
 
 class Body:

@@ -4,6 +4,8 @@ the end of a budget, and giving leases back when idle or revoked."""
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import pytest
 import trio
 
@@ -212,6 +214,21 @@ async def test_revocation_drops_the_key_leases(keys_gateway, http, state):
     print(f"\nrevoked: refused and its lease given back after {trio.current_time() - start:.2f} s")
 
 
+HELD = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)  # stays open, first token at once
+
+
+async def two_gateways(keys_gateway, http, state, **limits):
+    """Two gateways on one store and a key made through the first, seen by the second."""
+    a = await keys_gateway(state=state)
+    b = await keys_gateway(state=state)
+    created = await create_key(http, a.url, **limits)
+    key = bearer(created["key"])
+    with trio.fail_after(5):  # the second refreshes its keys
+        while (await http.post(b.v1 + "/chat/completions", headers=key, json=chat_body())).status_code != 200:
+            await trio.sleep(0.05)
+    return a, b, created, key
+
+
 async def open_streams(stack, http, gw, key, body, n):
     """n streams held open (their headers read); their status codes."""
     codes = []
@@ -237,16 +254,13 @@ async def open_slots(gw, key_id: str) -> int:
 async def test_streams_of_a_key_with_max_parallel_take_leased_slots(keys_gateway, http, state):
     """max_parallel 4: the streams take slots from a lease (no store round trip each), the limit
     holds exactly, and the free slots go back to the store at the next tick."""
-    from contextlib import AsyncExitStack
-
     gw = await keys_gateway(state=state)
     created = await create_key(http, gw.url, max_parallel=4, budget_usd=10)
     key = bearer(created["key"])
-    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)  # open, first token at once
     before = keys_of(gw).leases.local
     async with AsyncExitStack() as stack:
-        assert await open_streams(stack, http, gw, key, slow, 4) == [200] * 4
-        assert (await http.post(gw.v1 + "/chat/completions", headers=key, json=slow)).status_code == 429
+        assert await open_streams(stack, http, gw, key, HELD, 4) == [200] * 4
+        assert (await http.post(gw.v1 + "/chat/completions", headers=key, json=HELD)).status_code == 429
         assert await open_slots(gw, created["id"]) == 4
         assert keys_of(gw).leases.local - before >= 2  # a lease of 2 (half of 4), then one by one
     # the four streams cut (the client closed them): settled, their slots given back at the next ticks
@@ -261,20 +275,11 @@ async def test_slots_leased_by_one_gateway_do_not_refuse_another(keys_gateway, h
     """Two gateways on one store, max_parallel 4: gateway A runs one stream from a lease of 2 (one
     slot idle); gateway B may still open 3 streams: its refused stream asks again after A's tick
     gave the idle slot back. A 5th stream is refused for real."""
-    from contextlib import AsyncExitStack
-
-    a = await keys_gateway(state=state)
-    b = await keys_gateway(state=state)
-    created = await create_key(http, a.url, max_parallel=4)
-    key = bearer(created["key"])
-    with trio.fail_after(5):  # B sees the new key (refresh)
-        while (await http.post(b.v1 + "/chat/completions", headers=key, json=chat_body())).status_code != 200:
-            await trio.sleep(0.05)
-    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)  # open, first token at once
+    a, b, created, key = await two_gateways(keys_gateway, http, state, max_parallel=4)
     async with AsyncExitStack() as stack:
-        assert await open_streams(stack, http, a, key, slow, 1) == [200]
-        assert await open_streams(stack, http, b, key, slow, 3) == [200] * 3
-        fifth = await http.post(b.v1 + "/chat/completions", headers=key, json=slow)
+        assert await open_streams(stack, http, a, key, HELD, 1) == [200]
+        assert await open_streams(stack, http, b, key, HELD, 3) == [200] * 3
+        fifth = await http.post(b.v1 + "/chat/completions", headers=key, json=HELD)
         assert fifth.status_code == 429 and "max_parallel" in fifth.json()["error"]["message"]
         assert await open_slots(a, created["id"]) == 4
 
@@ -282,21 +287,12 @@ async def test_slots_leased_by_one_gateway_do_not_refuse_another(keys_gateway, h
 async def test_concurrent_streams_on_two_gateways_never_pass_max_parallel(keys_gateway, http, state):
     """20 streams at once, 10 on each of two gateways sharing the store, max_parallel 6: at most 6
     are open at any time (leased slots and per-request streams counted together)."""
-    from contextlib import AsyncExitStack
-
-    a = await keys_gateway(state=state)
-    b = await keys_gateway(state=state)
-    created = await create_key(http, a.url, max_parallel=6)
-    key = bearer(created["key"])
-    with trio.fail_after(5):
-        while (await http.post(b.v1 + "/chat/completions", headers=key, json=chat_body())).status_code != 200:
-            await trio.sleep(0.05)
-    slow = chat_body("fake: {\"itl\": 10, \"tokens\": 2}", stream=True)
+    a, b, created, key = await two_gateways(keys_gateway, http, state, max_parallel=6)
     codes: list[int] = []
     async with AsyncExitStack() as stack:
         async def one(gw):
             response = await stack.enter_async_context(http.stream("POST", gw.v1 + "/chat/completions",
-                                                                   headers=key, json=slow))
+                                                                   headers=key, json=HELD))
             codes.append(response.status_code)
 
         async with trio.open_nursery() as nursery:

@@ -8,6 +8,7 @@
     python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios g --repeat 3
     python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios h
     python -m loadtest.bench --render             # redraw tables and chart from bench/results.json
+    python -m loadtest.bench --targets floor-hypercorn,gateway --scenarios b --held 2000 --held-http2 2000,10000
 
 Targets: fake (the provider direct: the TTFT floor), floor-trio and floor-hypercorn (bare relays:
 the CPU and memory floors, see floor_trio.py / floor_hypercorn.py), gateway, litellm, portkey.
@@ -41,6 +42,9 @@ ALL_SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
 # e measures when a stalled client's upstream is released: a policy the floors leave out on purpose
 # (they would hold every upstream stream for the whole hold time, 45 s of nothing to learn).
 FLOOR_SKIPS = frozenset({"e"})
+# b over HTTP/2 (h2c with prior knowledge): the targets served by hypercorn; the others (the fake
+# provider, the raw trio floor, LiteLLM's uvicorn, Portkey's node) speak HTTP/1.1 only.
+H2C_TARGETS = frozenset({"floor-hypercorn", "gateway"})
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +55,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeat", type=int, default=None, help="runs of the cheap scenarios (a, c, f, g); h runs once")
     p.add_argument("--held", default=None, help="held-stream counts for b, e.g. 1000,5000,10000")
+    p.add_argument("--held-http2", default=None,
+                   help="also b over HTTP/2 (h2c, several streams per connection) at these counts, e.g. 2000,10000")
+    p.add_argument("--h2-streams-per-connection", type=int, default=None,
+                   help="b over HTTP/2: streams per connection (default 100: hypercorn's h2_max_concurrent_streams)")
     p.add_argument("--ttft-streams", default=None, help="stream counts for a, e.g. 100,1000")
     p.add_argument("--overload-streams", default=None,
                    help="old-stream counts (50 tokens/s each) for h, e.g. 200,300; default 300")
@@ -73,6 +81,10 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
     if args.held:
         sizes = dataclasses.replace(sizes, held_streams=tuple(int(x) for x in args.held.split(",")))
+    if args.held_http2:
+        sizes = dataclasses.replace(sizes, held_h2_streams=tuple(int(x) for x in args.held_http2.split(",")))
+    if args.h2_streams_per_connection:
+        sizes = dataclasses.replace(sizes, h2_streams_per_connection=args.h2_streams_per_connection)
     if args.ttft_streams:
         sizes = dataclasses.replace(sizes, ttft_streams=tuple(int(x) for x in args.ttft_streams.split(",")))
     if args.overload_streams:
@@ -86,6 +98,10 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
         notes.append(f"targets may open {fds:,} files (a hard limit this machine does not let us raise): "
                      f"a relay holding {max(sizes.held_streams):,} streams needs two sockets per stream, "
                      f"so its last few connections fail with EMFILE (counted as errors in b)")
+    if "b" in chosen and sizes.held_h2_streams:
+        skipped = [x for x in args.targets.split(",") if x not in H2C_TARGETS]
+        if skipped:
+            notes.append(f"b over HTTP/2 skipped for {', '.join(skipped)}: HTTP/1.1 only")
     provider = start_provider(work)
     commands["fake provider"] = provider.command
     try:
@@ -197,6 +213,9 @@ async def _scenarios(key: str, provider: Running, chosen: list[str], sizes: scen
     if "b" in chosen:
         for n in sizes.held_streams:
             await one("b", lambda t, n=n: scenarios.held(t, sizes, n), own_provider=True)
+        if key in H2C_TARGETS:
+            for n in sizes.held_h2_streams:
+                await one("b2", lambda t, n=n: scenarios.held_http2(t, sizes, n, healthz=key == "gateway"))
     if "c" in chosen:
         await one("c", lambda t: scenarios.throughput(t, sizes))
     if "d" in chosen:

@@ -156,6 +156,35 @@ def render(results: dict, charts: list[str]) -> str:
                   "over the plateau. × floor: KB / stream over the floor's at the same count.", "",
                   _table(["target", "streams", "open (peak)", "RSS idle MB", "RSS peak MB",
                           "KB / stream", "errors", *[c for _, c in FLOOR_COLUMNS], "note"], lines), ""]
+    if "b2" in rows:  # never mixed with b: another per-stream profile (one connection per 100 streams)
+        lines = []
+        for r in rows["b2"]:
+            match = {"streams": r.get("streams"), "connections": r.get("connections")}
+            base = _floor(rows["b2"], "kb_per_stream", match, "floor-hypercorn")
+            kb = r.get("kb_per_stream")
+            kinds = r.get("error_kinds") or {}
+            lines.append([r["target"], _v(r.get("streams")), _v(r.get("connections")), _v(r.get("open_peak")),
+                          _v(r.get("held_at_end")), r.get("held_by", "-"), _v(r.get("held_after_s")),
+                          _v(r.get("answered")), _v(r.get("rss_idle_mb")),
+                          _v(r.get("rss_peak_mb")), _v(kb), _v(r.get("errors")) + (f" {kinds}" if kinds else ""),
+                          _v(kb / base, 2) if kb is not None and base else "-", _v(r.get("loadgen_cores"), 2),
+                          r.get("failed", "")[:80]])
+        parts += ["### b over HTTP/2. Memory per held stream, N streams over C h2c connections",
+                  "As b (same request, provider TTFT 10 min, ramp N/1000 s, then held 6 s), but the streams "
+                  "are multiplexed over h2c connections (prior knowledge), 100 per connection (hypercorn's "
+                  "h2_max_concurrent_streams, unchanged in both targets): the target holds one client "
+                  "descriptor per connection, not per stream. Another per-stream profile than b's one "
+                  "connection per stream: compare rows within this table only. Held: streams the target "
+                  "confirms (the floor: 200 and the role chunk received; the gateway, which writes nothing "
+                  "before a first token or its 15 s keep-alive: its /healthz count); the hold starts once "
+                  "every stream is held (\"all held after\", s from the first stream). Answered: streams that "
+                  "received 200 and DATA; on the gateway only those older than its 15 s keep-alive, which "
+                  "then hold a writer task and channel more (a held stream before it holds neither), so a "
+                  "row with many of them is another state. KB per stream = (RSS - idle) / held streams, "
+                  "median over the plateau. × floor: over the hypercorn floor's at the same streams and connections.", "",
+                  _table(["target", "streams", "connections", "held (peak)", "held at end", "held by",
+                          "all held after s", "answered", "RSS idle MB", "RSS peak MB", "KB / stream", "errors",
+                          "× hypercorn floor", "load gen cores", "note"], lines), ""]
     if "c" in rows:
         lines = [[r["target"], _v(r.get("streams_per_s")), _v(r.get("tokens_per_s"), 0),
                   _v(r.get("stream_cores"), 2), _v(r.get("loadgen_cores"), 2), _v(r.get("requests_per_s")),

@@ -29,6 +29,7 @@ from ..memory import measure as target_usage
 from ..runner import RunResult, run
 from ..stats import percentile
 from ..settings import Behaviour, RunSettings, Sampling, Shape
+from . import held_h2
 from .targets import Running
 
 
@@ -38,6 +39,9 @@ class Sizes:
     ttft_seconds: float = 8.0
     held_streams: tuple[int, ...] = (1000, 2000, 5000, 10000)
     held_seconds: float = 6.0
+    held_h2_streams: tuple[int, ...] = ()  # b over HTTP/2 (h2c): held streams, several per connection
+    h2_streams_per_connection: int = 100  # hypercorn's h2_max_concurrent_streams (gateway and floor)
+    h2_settle: float = 60.0  # b over HTTP/2: s after the ramp for the target to hold every stream
     throughput_concurrency: int = 100
     throughput_seconds: float = 10.0
     slow_clients: int = 1000
@@ -167,6 +171,37 @@ async def held(target: Running, sizes: Sizes, n: int) -> dict[str, Any]:
             "rss_peak_mb": s.target_rss_mb["peak"], "kb_per_stream": s.kb_per_stream, "errors": s.errors,
             "error_kinds": {k: v for k, v in s.outcomes.items() if k not in ("ok", "cancelled")},
             "loadgen_rss_mb": s.loadgen_rss_mb_peak}
+
+
+async def held_http2(target: Running, sizes: Sizes, n: int, *, healthz: bool = False) -> dict[str, Any]:
+    """b over HTTP/2: n held streams multiplexed `h2_streams_per_connection` to an h2c connection.
+
+    As `held` (same request, ramp and hold; RSS sampled the same way, KB per stream over the
+    plateau), but the target needs one client descriptor per connection instead of per stream.
+    `healthz`: the target is this gateway, whose `/healthz` tells how many streams it holds.
+    """
+    ramp = max(1.0, n / 1000)
+    request = held_h2.H2Request.of(target.load_target(HELD_PROMPT))
+    healthz_url = target.urls[0].rsplit("/v1", 1)[0] + "/healthz"
+    async with httpx.AsyncClient(timeout=10) as http:
+        async def count_open() -> int | None:
+            try:
+                r = await http.get(healthz_url)
+                return r.json().get("open_streams") if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return None
+
+        client, s = await held_h2.hold(target.pids, request, n, per_connection=sizes.h2_streams_per_connection,
+                                       ramp=ramp, settle=sizes.h2_settle, hold_for=sizes.held_seconds,
+                                       interval=0.25, count_open=count_open if healthz else None)
+    return {"streams": n, "connections": client.connections, "sent_peak": client.peak,
+            "open_peak": s.open_streams_peak, "answered": client.answered, "held_at_end": client.target_open,
+            "held_after_s": client.held_after, "goaways": client.goaways,
+            "rss_idle_mb": s.target_rss_mb["idle"], "rss_peak_mb": s.target_rss_mb["peak"],
+            "kb_per_stream": s.kb_per_stream, "errors": s.errors, "error_kinds": client.error_kinds(),
+            "error_details": {k: v[:120] for k, v in s.error_details.items()},
+            "loadgen_rss_mb": s.loadgen_rss_mb_peak, "loadgen_cores": s.loadgen_cores,
+            "held_by": "gateway /healthz" if healthz else "200 + role chunk"}
 
 
 async def throughput(target: Running, sizes: Sizes) -> dict[str, Any]:

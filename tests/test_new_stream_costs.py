@@ -41,6 +41,7 @@ from hypercorn.trio.worker_context import TrioSingleTask
 from proxy.core.errors import ShuttingDown
 from proxy.server import asgi, idle_timer, pump
 from proxy.server.exchange import Policies
+from proxy.transport import sockets
 from tests.conftest import MASTER_KEY
 
 # Measured on today's gateway. ingress: the accept; the connection task's request receive;
@@ -114,7 +115,7 @@ def tapped(monkeypatch):
         provider_port = 0
 
     tap = Tap()
-    send, recv, accept = SocketType.send, SocketType.recv, SocketType.accept
+    send, recv, accept, receive = SocketType.send, SocketType.recv, SocketType.accept, sockets.receive
 
     async def tapped_accept(self):
         connection = await accept(self)
@@ -137,8 +138,7 @@ def tapped(monkeypatch):
                 r.done = True
         return await send(self, data, *args)
 
-    async def tapped_recv(self, *args):
-        data = await recv(self, *args)
+    def received(self, data):
         r = tap.rounds
         if r is not None and not r.done and data:
             if data.startswith(b"POST ") and self.getsockname()[1] == tap.gateway_port:
@@ -148,8 +148,15 @@ def tapped(monkeypatch):
                 r.marks.token_in = r.batch
         return data
 
+    async def tapped_recv(self, *args):
+        return received(self, await recv(self, *args))
+
+    async def tapped_receive(sock, max_bytes):  # the gateway's own receives (proxy/transport/sockets.py)
+        return received(sock, await receive(sock, max_bytes))
+
     monkeypatch.setattr(SocketType, "send", tapped_send)
     monkeypatch.setattr(SocketType, "recv", tapped_recv)
+    monkeypatch.setattr(sockets, "receive", tapped_receive)
     monkeypatch.setattr(SocketType, "accept", tapped_accept)
     return tap
 

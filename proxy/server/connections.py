@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from math import inf
 
 import h11
@@ -49,6 +50,8 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server as _ts
+
+from proxy.transport import sockets
 
 log = logging.getLogger("proxy.server.connections")
 
@@ -181,6 +184,11 @@ async def _read_data(self: _ts.TCPServer) -> None:
     if rules is None or self.config.read_timeout:
         return await _original_read_data(self)
     stream = self.stream
+    # Plain TCP: read the socket in one frame (`sockets.receive`; what every held stream waits in).
+    if type(stream) is trio.SocketStream:
+        receive, size = partial(sockets.receive, stream.socket), _ts.MAX_RECV
+    else:
+        receive, size = stream.receive_some, _ts.MAX_RECV
     # Per-request clocks, keyed by the connection's request count so that a request which came
     # in one read (and was answered before the next read) does not leave a stale clock behind.
     head_began: float | None = trio.current_time()  # a new connection: its first head is due
@@ -208,15 +216,15 @@ async def _read_data(self: _ts.TCPServer) -> None:
                 deadline = body_began + rules.body_timeout + body_bytes / rules.min_body_rate
         try:
             if deadline == inf:
-                data = await stream.receive_some(_ts.MAX_RECV)
+                data = await receive(size)
             else:
                 with trio.CancelScope(deadline=deadline) as scope:
-                    data = await stream.receive_some(_ts.MAX_RECV)
+                    data = await receive(size)
                 if scope.cancelled_caught:
                     await _too_slow(rules, proto, state)
                     break
-        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-            break
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError, OSError):
+            break  # OSError: a reset, from the socket itself (SocketStream made it BrokenResourceError)
         if state is _SEND_BODY:
             body_bytes += len(data)
         await self.protocol.handle(RawData(bytes(data)))

@@ -32,12 +32,14 @@ import math
 import ssl
 import zlib
 from collections import deque
+from functools import partial
 from typing import AsyncIterator
 
 import httpx
 import trio
 
 from proxy.core.http1 import Head, ProtocolError, ResponseDecoder, encode_chunk, encode_head
+from proxy.transport import sockets
 
 RECEIVE_BYTES = 65536  # per socket receive
 MAX_DECODED = 65536  # bytes of inflated output per read: the memory bound of a compressed body
@@ -52,8 +54,8 @@ class _Connection:
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType):
         self.stream, self.socket = stream, socket
-        # Plain TCP: the socket's own recv (no per-read context manager of SocketStream).
-        self.receive = socket.recv if isinstance(stream, trio.SocketStream) else stream.receive_some
+        # Plain TCP: the socket itself, in one frame (`sockets.receive`: what a held stream waits in).
+        self.receive = partial(sockets.receive, socket) if isinstance(stream, trio.SocketStream) else stream.receive_some
         self.idle_since = 0.0
 
     def close(self) -> None:

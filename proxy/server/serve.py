@@ -40,7 +40,7 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig, Sockets
 from hypercorn.trio import worker_serve
 
-from proxy.server import connections, h2_flow, hypercorn_fast, idle_timer
+from proxy.server import app_queue, connections, h2_flow, hypercorn_fast, idle_timer
 from proxy.server.app import Gateway
 from proxy.config import Config, ServerConfig
 from proxy.core.errors import ShuttingDown
@@ -163,6 +163,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
     hypercorn_fast.apply()  # HTTP/1.1 body writes without h11 and lock round trips
     connections.apply()
     idle_timer.apply()  # keep-alive timer without scheduler round trips (new connections)
+    app_queue.apply()  # the app's receive queue in ~0.2 KB instead of a memory channel's ~1.7 KB
     _quiet_accept_errors()
     gateway = gateway or Gateway(config)
     server = config.server

@@ -71,8 +71,9 @@ class Failover:
         self.adapters = adapters
         self.max_event_bytes = max_event_bytes
 
-    async def stream(self, request: ChatRequest, emit: Emit, served: Served) -> None:
-        """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure."""
+    def stream(self, request: ChatRequest, emit: Emit, served: Served) -> Awaitable[None]:
+        """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure.
+        Returns the failover loop's coroutine to await (no frame of its own for the stream's life)."""
 
         async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
             adapter = self.adapters[state.deployment.provider]
@@ -101,7 +102,7 @@ class Failover:
                     if parser.failed is not None:
                         raise parser.failed
 
-        await self.run(request.model, served, attempt)
+        return self.run(request.model, served, attempt)
 
 
     async def complete(self, request: ChatRequest, served: Served) -> dict[str, Any]:
@@ -125,78 +126,81 @@ class Failover:
 
         return await self.run(body["model"], served, attempt)
 
-    async def run(self, model: str, served: Served, attempt: Attempt[T]) -> T:
+    def run(self, model: str, served: Served, attempt: Attempt[T]) -> Awaitable[T]:
         """Any call to `model`'s deployments under the routing rules: `attempt(state, model_name,
-        ttft_timeout)` makes one try; this decides which deployments, how often, and when."""
+        ttft_timeout)` makes one try; this decides which deployments, how often, and when.
+        Returns the coroutine to await: it picks one, and keeps no frame of its own while a
+        stream runs (each frame of the await chain lives as long as the stream)."""
         router = self.router
-        settings = router.settings
         route = router.check_model(model)
         pinned = router.pinned(route, served.requested)
         if router.bypass:  # straight to the first deployment: nothing of the router in the way
             state = router.states[route.deployments[0].name]
-            return await self._once(model, served, state, route, attempt, gate=False, track=False)
+            return self._once(model, served, state, route, attempt, gate=False, track=False)
         if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
-            return await self._once(model, served, pinned, route, attempt, gate=False)
-        # A bare scope, not fail_after: that adds a generator context manager per open stream.
-        with trio.CancelScope(deadline=trio.current_time() + settings.request_timeout) as scope:
-            return await self._with_failover(model, served, route, attempt)
-        assert scope.cancelled_caught
-        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
-                              f"after {served.attempts} attempts")
+            return self._once(model, served, pinned, route, attempt, gate=False)
+        return self._with_failover(model, served, route, attempt)
 
 
     async def _with_failover(self, requested: str, served: Served, route: Any,
                              attempt: Attempt[T]) -> T:
         router = self.router
         settings = router.settings
-        models = [route] + [router.check_model(name) for name in route.fallbacks]
-        last_error: GatewayError | None = None
-        index = 0
-        while index < len(models):
-            group = models[index]
-            excluded: set[str] = set()
-            tried: set[str] = set()
-            retries = 0
-            while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
-                tried.add(state.name)
-                served.fallback = index > 0
-                try:
-                    return await self._once(requested, served, state, group, attempt)
-                except GatewayError as error:
-                    if served.committed:
-                        raise
-                    last_error = error
-                    action = classify(error)
-                    if action is Action.FATAL:
-                        raise
-                    if action is Action.CONTEXT:
-                        if not group.context_window_fallback:
+        # A bare scope, not fail_after: that adds a generator context manager per open stream.
+        with trio.CancelScope(deadline=trio.current_time() + settings.request_timeout) as scope:
+            models = [route] + [router.check_model(name) for name in route.fallbacks]
+            last_error: GatewayError | None = None
+            index = 0
+            while index < len(models):
+                group = models[index]
+                # Deployment names; lists, not sets: a few names at most, and these live as long
+                # as a stream does (an empty set is 216 bytes).
+                excluded: list[str] = []
+                tried: list[str] = []
+                retries = 0
+                while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
+                    tried.append(state.name)
+                    served.fallback = index > 0
+                    try:
+                        return await self._once(requested, served, state, group, attempt)
+                    except GatewayError as error:
+                        if served.committed:
                             raise
-                        models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
-                        break
-                    if action in (Action.UNUSABLE, Action.SKIP):
-                        excluded.add(state.name)
-                        continue
-                    if retries >= settings.retries:
-                        break  # this model's retries are spent: its fallbacks next
-                    wait = retry_after_seconds(error)
-                    if wait is not None and wait > settings.retry_after_max:
-                        state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
-                        excluded.add(state.name)
-                        continue
-                    retries += 1
-                    if action is Action.RETRY:
-                        await trio.sleep(wait if wait is not None else
-                                         backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
-                                                 router.rng))
-            index += 1
-        if last_error is not None:
-            raise last_error
-        wait, cooling_only = router.unavailable_for(models, trio.current_time())
-        # The model the client asked for, not the route's glob: "gpt-4o", not "*".
-        raise NoHealthyDeployment(f"no deployment of model '{clip(requested)}' (or its fallbacks) is available: "
-                                  + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
-                                  retry_after=wait, rate_limited=cooling_only)
+                        last_error = error
+                        action = classify(error)
+                        if action is Action.FATAL:
+                            raise
+                        if action is Action.CONTEXT:
+                            if not group.context_window_fallback:
+                                raise
+                            models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
+                            break
+                        if action in (Action.UNUSABLE, Action.SKIP):
+                            excluded.append(state.name)
+                            continue
+                        if retries >= settings.retries:
+                            break  # this model's retries are spent: its fallbacks next
+                        wait = retry_after_seconds(error)
+                        if wait is not None and wait > settings.retry_after_max:
+                            state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
+                            excluded.append(state.name)
+                            continue
+                        retries += 1
+                        if action is Action.RETRY:
+                            await trio.sleep(wait if wait is not None else
+                                             backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
+                                                     router.rng))
+                index += 1
+            if last_error is not None:
+                raise last_error
+            wait, cooling_only = router.unavailable_for(models, trio.current_time())
+            # The model the client asked for, not the route's glob: "gpt-4o", not "*".
+            raise NoHealthyDeployment(f"no deployment of model '{clip(requested)}' (or its fallbacks) is available: "
+                                      + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
+                                      retry_after=wait, rate_limited=cooling_only)
+        assert scope.cancelled_caught
+        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
+                              f"after {served.attempts} attempts")
 
 
     async def _once(self, requested: str, served: Served, state: DeploymentState,

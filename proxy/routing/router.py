@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Collection, Mapping
 
 import trio
 
@@ -100,7 +100,7 @@ class Router:
                 return value
         return None
 
-    def choose(self, route: ModelRoute, now: float, *, excluded: set[str], tried: set[str]
+    def choose(self, route: ModelRoute, now: float, *, excluded: Collection[str], tried: Collection[str]
                ) -> DeploymentState | None:
         """The next deployment to try, or None when the model has nothing available.
 

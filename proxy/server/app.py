@@ -130,15 +130,15 @@ class Gateway:
     def auth_enabled(self) -> bool:
         return self._master_key is not None
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> Awaitable[None]:
+        """The ASGI (3) app. Not a coroutine function: it returns the coroutine that serves the
+        scope, so an open stream keeps one frame less for its whole life. A server that tells ASGI 3
+        from 2 by `iscoroutinefunction` must be told it is ASGI: serve.py wraps it itself."""
+        if scope["type"] == "http":
+            return self._http(scope, receive, send)
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            self._enter()
-            try:
-                await self._http(scope, receive, send)
-            finally:
-                self._leave()
+            return self._lifespan(receive, send)
+        return _ignored()  # e.g. websocket: not served
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -150,6 +150,7 @@ class Gateway:
                      response_headers=[(b"x-request-id", rid.encode())])
         if scope.get("query_string"):
             x.notes["query"] = scope["query_string"]  # e.g. /admin/spend?group_by=team
+        self._enter()  # in flight until the finally below (wait_idle: the drain)
         try:
             if route is None:
                 raise NotFound(f"Unknown path: {scope['path']}")
@@ -181,6 +182,7 @@ class Gateway:
             body["request_id"] = rid  # the id to quote in a bug report, also in the headers
             await send_json(send, error.status, body, x.response_headers + error.headers())
         finally:
+            self._leave()
             self.policies.settle(x)
 
     def is_master_key(self, token: bytes) -> bool:
@@ -275,6 +277,10 @@ class Gateway:
                     await close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _ignored() -> None:
+    pass
 
 
 def _loopback(scope: dict[str, Any]) -> bool:

@@ -237,6 +237,83 @@ async def test_keepalive_comments_while_waiting_for_a_slow_first_token(autojump_
     assert client.write_times[1:3] == [15.0, 30.0]
 
 
+async def test_a_keepalive_before_the_first_token_starts_no_writer_task(autojump_clock):
+    """The watchdog writes the comments itself while nothing went through the channel: a stream
+    held for minutes keeps no writer task and no channel (pump._write_aside)."""
+    client = FakeClient()
+    relay = make_relay(client, keepalive_interval=15.0)
+    first = trio.Event()
+
+    async def produce(outlet):
+        await first.wait()
+        await outlet.put(event(0))
+        await outlet.put(DONE)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run, produce)
+        await trio.sleep(31)
+        assert client.body == KEEPALIVE + KEEPALIVE
+        assert [t.name.rsplit(".", 1)[-1] for t in relay._nursery.child_tasks] == ["_watch"]
+        first.set()
+    assert client.body == KEEPALIVE + KEEPALIVE + event(0) + DONE
+    assert relay.state is StreamState.FINISHED and relay.failure is None
+
+
+async def test_the_first_token_waits_for_a_keepalive_write_in_progress(autojump_clock):
+    client = FakeClient()
+    wrote = []
+    original = client.send
+
+    async def send(message):  # records who wrote what, in order
+        wrote.append((trio.lowlevel.current_task().name.rsplit(".", 1)[-1], message.get("body")))
+        await original(message)
+
+    client.send = send
+    relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
+
+    async def produce(outlet):
+        await trio.sleep(16)  # the watchdog's keep-alive write (at 15 s) is stuck: the client does not read
+        await outlet.put(event(0))
+        await outlet.put(DONE)
+
+    async def stop_reading_then_read():
+        await trio.sleep(14)
+        client.gate = trio.Event()
+        await trio.sleep(6)
+        client.gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_reading_then_read)
+        await relay.run(produce)
+    assert client.body == KEEPALIVE + event(0) + DONE
+    bodies = [(task, body) for task, body in wrote if body is not None]
+    assert bodies[0] == ("_watch", KEEPALIVE)
+    assert [task for task, _ in bodies[1:]] == ["_write_all"] * (len(bodies) - 1)
+    assert client.write_times[-1] >= 20.0  # the writer went after the stuck comment, not beside it
+
+
+async def test_an_abort_during_a_keepalive_write_follows_it(autojump_clock):
+    client = FakeClient()
+    relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
+
+    async def produce(outlet):
+        await trio.sleep_forever()
+
+    async def scenario():
+        await trio.sleep(14)
+        client.gate = trio.Event()  # the keep-alive at 15 s blocks
+        await trio.sleep(2)
+        relay.abort(ShuttingDown("the gateway is shutting down"))
+        await trio.sleep(2)
+        client.gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scenario)
+        await relay.run(produce)
+    assert client.body.startswith(KEEPALIVE)
+    assert b"server_shutting_down" in client.body and b"[DONE]" not in client.body
+
+
 async def test_abort_ends_the_stream_with_the_given_error(autojump_clock):
     client = FakeClient()
     relay = make_relay(client)

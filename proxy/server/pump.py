@@ -20,7 +20,8 @@ Rules:
   pending write's start + write_timeout, or the next keep-alive). Cost: one wake-up per
   `min(write_timeout, keepalive_interval)` per stream, not one per event.
 - Keep-alive: while no event arrives for `keepalive_interval` (a slow first token), the watchdog
-  queues a comment; when the channel is full the writer is busy anyway and none is needed.
+  queues a comment, or writes it itself while there is no writer yet (`_write_aside`); when the
+  channel is full the writer is busy anyway and none is needed.
 - A client disconnect arrives only as `http.disconnect` from `receive()` (a send after it
   silently succeeds), so the watchdog watches `receive()` and cancels the nursery.
 - Each item is written as soon as it arrives; only items already queued are joined into one
@@ -29,8 +30,9 @@ Rules:
   idle (`Outlet.put`): one scheduler round less to a new stream's first token, which under
   overload is a turn of every other stream. Everything after goes through the channel.
 - A stream waiting for its first token holds no channel and no writer task (~4 KB a held stream):
-  both are made when the first item goes through the channel (`Outlet`), so a held stream is the
-  reader waiting on the provider and the watchdog waiting on the client.
+  both are made when the first item goes through the channel (`Outlet`; keep-alive comments
+  before it are written by the watchdog), so a held stream is the reader waiting on the provider
+  and the watchdog waiting on the client, however long it waits.
 - Errors travel through the channel in order (a `Finish` item), behind the events that preceded them. Before the
   first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
   it becomes an error event in the client's format (`error_event`) and the stream ends without
@@ -153,6 +155,7 @@ class Relay:
         self._last_write = 0.0
         self._headers_sent = False
         self._first_writing = False  # the reader is writing the first bytes (_write_first)
+        self._aside: trio.Event | None = None  # set while the watchdog writes a keep-alive (_write_aside)
         self.state = StreamState.PENDING
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
@@ -244,10 +247,29 @@ class Relay:
                     raise ClientStalled("write deadline passed")
             elif now - self._last_write >= self._keepalive:
                 self._last_write = now  # due again one interval from now, written or not
-                try:
-                    keepalive.send_nowait(KEEPALIVE)
-                except (trio.WouldBlock, trio.ClosedResourceError):
-                    pass  # full: the writer has work; closed: the producer is done
+                if keepalive._channel is None:
+                    await self._write_aside(KEEPALIVE)  # no writer yet: no need to start one for this
+                else:
+                    try:
+                        keepalive.send_nowait(KEEPALIVE)
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        pass  # full: the writer has work; closed: the producer is done
+
+    async def _write_aside(self, data: bytes) -> None:
+        """A keep-alive comment while nothing went through the channel (a stream waiting for its
+        first token), written from the watchdog: starting the writer task and its channel for it
+        would add ~4 KB to every stream held past one `keepalive_interval`. Only ever called when no
+        write is pending (the alarm looks for a stall then, not for a keep-alive); a writer started
+        meanwhile (the reader's first item) waits for this write (`_write_all`), so bytes keep
+        their order. While it lasts the watchdog watches nothing: a write stuck here (a client
+        that left ~64 KB of comments unread) is ended by the kernel (TCP_USER_TIMEOUT =
+        write_timeout, serve.py), as a stuck first write from the reader is (`_write_first`)."""
+        done = self._aside = trio.Event()
+        try:
+            await self._out(data)
+        finally:
+            self._aside = None
+            done.set()
 
     # -- the first write, from the reader --
 
@@ -291,6 +313,8 @@ class Relay:
         return send_channel
 
     async def _write_all(self, channel: trio.MemoryReceiveChannel, relay: trio.CancelScope) -> None:
+        if self._aside is not None:
+            await self._aside.wait()  # the watchdog's keep-alive write goes out first (_write_aside)
         await self._write(channel)
         relay.cancel()  # written to the end: the watchdog (and a reader still closing) can stop
 

@@ -42,7 +42,9 @@ from proxy.transport.upstream import Upstream
 
 log = logging.getLogger("proxy.server.app")
 
-Handler = Callable[[Exchange, bytes, dict[bytes, bytes], Receive, Send], Awaitable[None]]
+# A handler answers, and returns None; or, for a stream, returns the relay's coroutine, which the
+# app awaits: the handler's frame then does not live as long as the stream (see _http).
+Handler = Callable[[Exchange, bytes, dict[bytes, bytes], Receive, Send], Awaitable[Awaitable[None] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,9 @@ class Gateway:
             if route.auth != "none":
                 x.principal = self._authenticate(headers, route)
             body = await read_body(headers, receive, self.config.server.max_body_bytes) if route.body else b""
-            await handler(x, body, headers, receive, send)
+            relay = await handler(x, body, headers, receive, send)
+            if relay is not None:
+                await relay
         except ClientGone:
             x.outcome = "client_disconnected"
             log.info("%s %s client disconnected before the response", scope["method"], scope["path"])

@@ -67,7 +67,8 @@ class ChatEndpoint:
         self._log = logging.getLogger(f"proxy.server.{api.name}")
 
     async def __call__(self, x: Exchange, body: bytes, headers: dict[bytes, bytes], receive: Receive,
-                       send: Send) -> None:
+                       send: Send) -> Awaitable[None] | None:
+        """Answers, or for a stream returns the relay for the app to await (app.Handler)."""
         x.endpoint = self.api.name
         request = self.api.parse(body, headers)
         x.model, x.stream = request.model, request.stream
@@ -78,8 +79,7 @@ class ChatEndpoint:
         if x.answer is None:
             self._failover.router.check_model(request.model)  # 404 before any work
         if request.stream:
-            await self._stream(x, request, receive, send)
-            return
+            return self._stream(x, request, receive, send)
         try:
             completion = await until_disconnect(receive, lambda: self._complete(x, request))
         except ClientGone:

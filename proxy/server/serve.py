@@ -36,7 +36,6 @@ from functools import partial
 from typing import Awaitable, Callable
 
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig, Sockets
 from hypercorn.trio import worker_serve
 
@@ -152,6 +151,20 @@ def hypercorn_config(config: Config, rules: connections.ConnectionRules | None =
     return hc
 
 
+class AppWrapper:
+    """hypercorn's app wrapper (its `AppWrapper` protocol) for the gateway: the call of hypercorn's
+    `ASGIWrapper` without its coroutine: that one awaits the app, this returns the app's coroutine
+    for hypercorn to await, so an open stream keeps one frame less for its whole life."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Gateway):
+        self.app = app
+
+    def __call__(self, scope, receive, send, sync_spawn, call_soon) -> Awaitable[None]:
+        return self.app(scope, receive, send)
+
+
 async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.socket | None = None,
                 shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -183,7 +196,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
         nursery.start_soon(_wait_for_stop, stop, shutdown_trigger)
         nursery.start_soon(return_memory, gateway.streams, rules.drained)
         binds = await nursery.start(lambda task_status: worker_serve(
-            ASGIWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
+            AppWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
         task_status.started(binds)
         await stop.wait()
         gateway.draining = True

@@ -77,11 +77,13 @@ class Failover:
 
         async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
             adapter = self.adapters[state.deployment.provider]
-            wire = adapter.chat_request(request, model)
             # The TTFT deadline covers connecting, the response headers and the wait for the first
             # token — and nothing after. It shares the upstream's one timer (no scope of our own).
             deadline = trio.current_time() + ttft if ttft else math.inf
-            async with self.upstream.stream(adapter, wire, ttft_deadline=deadline) as body:
+            # The wire request is no local of this frame: the upstream drops it once sent, and it
+            # is not kept (body bytes, headers) for as long as the stream lasts.
+            async with self.upstream.stream(adapter, adapter.chat_request(request, model),
+                                            ttft_deadline=deadline) as body:
                 parser = adapter.stream_parser(self.max_event_bytes, request)
                 held: list[Chunk] = []
                 data = b"-"

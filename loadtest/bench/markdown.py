@@ -151,7 +151,8 @@ def render(results: dict, charts: list[str]) -> str:
                   *_ratios(rows["b"], r, "kb_per_stream", {"streams": r.get("streams")}),
                   r.get("failed", "")[:80]] for r in rows["b"]]
         parts += ["### b. Memory per held stream",
-                  "Streams held open (headers and role chunk sent, first token 10 min away). RSS of "
+                  "Streams held open (the provider sent its headers and role chunk, first token 10 min away; "
+                  "this gateway holds the role chunk back until the first token). RSS of "
                   "the target's process tree; KB per stream = (RSS - idle) / open streams, median "
                   "over the plateau. × floor: KB / stream over the floor's at the same count.", "",
                   _table(["target", "streams", "open (peak)", "RSS idle MB", "RSS peak MB",
@@ -178,9 +179,8 @@ def render(results: dict, charts: list[str]) -> str:
                   "confirms (the floor: 200 and the role chunk received; the gateway, which writes nothing "
                   "before a first token or its 15 s keep-alive: its /healthz count); the hold starts once "
                   "every stream is held (\"all held after\", s from the first stream). Answered: streams that "
-                  "received 200 and DATA; on the gateway only those older than its 15 s keep-alive, which "
-                  "then hold a writer task and channel more (a held stream before it holds neither), so a "
-                  "row with many of them is another state. KB per stream = (RSS - idle) / held streams, "
+                  "received 200 and DATA; on the gateway only those older than its 15 s keep-alive (the "
+                  "comment is its first bytes: response headers sent). KB per stream = (RSS - idle) / held streams, "
                   "median over the plateau. × floor: over the hypercorn floor's at the same streams and connections.", "",
                   _table(["target", "streams", "connections", "held (peak)", "held at end", "held by",
                           "all held after s", "answered", "RSS idle MB", "RSS peak MB", "KB / stream", "errors",

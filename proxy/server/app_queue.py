@@ -3,8 +3,8 @@
 Why: for every request hypercorn 0.18 opens a `trio.open_memory_channel(max_app_queue_size)` to
 hand the app its ASGI receive events (request body, `http.disconnect`). A channel's state is a
 deque (one 64-slot block from the start), two OrderedDicts of waiting tasks and a set of tasks
-per end: ~1.7 KB that every open stream keeps for its whole life, for a queue that holds at most
-a few messages. `AppQueue` is the same queue in ~0.2 KB.
+per end: ~1.8 KB that every open stream keeps for its whole life, for a queue that holds at most
+a few messages. `AppQueue` is the same queue in ~0.13 KB (both measured in tests/test_app_queue.py).
 
 Semantics kept (those of the channel as hypercorn uses it: `send` for `app_put`, `receive` for
 the app's `receive`; no closing, no clones, no statistics):

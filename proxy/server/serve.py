@@ -176,7 +176,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
     hypercorn_fast.apply()  # HTTP/1.1 body writes without h11 and lock round trips
     connections.apply()
     idle_timer.apply()  # keep-alive timer without scheduler round trips (new connections)
-    app_queue.apply()  # the app's receive queue in ~0.2 KB instead of a memory channel's ~1.7 KB
+    app_queue.apply()  # the app's receive queue in ~0.13 KB instead of a memory channel's ~1.8 KB
     _quiet_accept_errors()
     gateway = gateway or Gateway(config)
     server = config.server

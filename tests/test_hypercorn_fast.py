@@ -14,7 +14,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from proxy.server import hypercorn_fast
+from proxy.server import app_queue, h2_flow, hypercorn_fast, hypercorn_version, idle_timer
 
 CHUNK = b"data: " + b"y" * 140 + b"\n\n"
 
@@ -431,11 +431,14 @@ async def test_write_while_lock_held_waits_then_succeeds(mode):
 
 def test_apply_refuses_other_hypercorn(monkeypatch):
     real = metadata.version
-    monkeypatch.setattr(hypercorn_fast, "version",
+    monkeypatch.setattr(hypercorn_version, "version",
                         lambda name: "0.19.0" if name == "hypercorn" else real(name))
     with pytest.raises(RuntimeError, match="0.19.0"):
         hypercorn_fast.apply()
     assert not hypercorn_fast.is_applied()
+    for patch in (h2_flow, idle_timer, app_queue):  # every hypercorn patch shares the gate
+        with pytest.raises(RuntimeError, match=r"found 0\.19\.0: re-check"):
+            patch.apply()
 
 
 def test_apply_and_revert_restore_originals():

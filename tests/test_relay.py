@@ -259,40 +259,8 @@ async def test_a_keepalive_before_the_first_token_starts_no_writer_task(autojump
     assert relay.state is StreamState.FINISHED and relay.failure is None
 
 
-async def test_the_first_token_waits_for_a_keepalive_write_in_progress(autojump_clock):
-    client = FakeClient()
-    wrote = []
-    original = client.send
-
-    async def send(message):  # records who wrote what, in order
-        wrote.append((trio.lowlevel.current_task().name.rsplit(".", 1)[-1], message.get("body")))
-        await original(message)
-
-    client.send = send
-    relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
-
-    async def produce(outlet):
-        await trio.sleep(16)  # the watchdog's keep-alive write (at 15 s) is stuck: the client does not read
-        await outlet.put(event(0))
-        await outlet.put(DONE)
-
-    async def stop_reading_then_read():
-        await trio.sleep(14)
-        client.gate = trio.Event()
-        await trio.sleep(6)
-        client.gate.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_reading_then_read)
-        await relay.run(produce)
-    assert client.body == KEEPALIVE + event(0) + DONE
-    bodies = [(task, body) for task, body in wrote if body is not None]
-    assert bodies[0] == ("_watch", KEEPALIVE)
-    assert [task for task, _ in bodies[1:]] == ["_write_all"] * (len(bodies) - 1)
-    assert client.write_times[-1] >= 20.0  # the writer went after the stuck comment, not beside it
-
-
 async def test_an_abort_during_a_keepalive_write_follows_it(autojump_clock):
+    """The order of a keep-alive and the first token: tests/test_new_stream_costs.py."""
     client = FakeClient()
     relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
 

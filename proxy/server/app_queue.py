@@ -20,7 +20,6 @@ streams alike) and refuses any hypercorn other than 0.18.x.
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Any
 
 import outcome
@@ -28,6 +27,8 @@ import trio
 from hypercorn.trio import task_group as _tg
 from trio.lowlevel import (Abort, ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled,
                            current_task, reschedule, wait_task_rescheduled)
+
+from proxy.server import hypercorn_version
 
 SUPPORTED = ("0.18.",)
 
@@ -85,10 +86,7 @@ async def _spawn_app(self: _tg.TaskGroup, app, config, scope, send):
 
 
 def apply() -> None:
-    installed = version("hypercorn")
-    if not installed.startswith(SUPPORTED):
-        raise RuntimeError(f"app_queue patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: "
-                           "re-check trio/task_group.py TaskGroup.spawn_app")
+    hypercorn_version.require(SUPPORTED, "app_queue", "trio/task_group.py TaskGroup.spawn_app")
     _tg.TaskGroup.spawn_app = _spawn_app
 
 

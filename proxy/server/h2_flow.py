@@ -19,9 +19,9 @@ class and the fix end to end with a client that never opens its window.
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 from hypercorn.protocol import h2 as hypercorn_h2
+
+from proxy.server import hypercorn_version
 
 SUPPORTED = ("0.17.", "0.18.")
 
@@ -51,11 +51,8 @@ async def _pop(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
 
 
 def apply() -> None:
-    installed = version("hypercorn")
-    if not installed.startswith(SUPPORTED):
-        raise RuntimeError(
-            f"proxy.server.h2_flow patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: re-check "
-            "hypercorn/protocol/h2.py StreamBuffer against the notes in proxy/server/h2_flow.py")
+    hypercorn_version.require(SUPPORTED, "proxy.server.h2_flow", "hypercorn/protocol/h2.py StreamBuffer "
+                              "against the notes in proxy/server/h2_flow.py")
     hypercorn_h2.StreamBuffer.push = _push
     hypercorn_h2.StreamBuffer.pop = _pop
 

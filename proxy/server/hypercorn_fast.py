@@ -53,6 +53,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server as _ts
 from hypercorn.utils import suppress_body
 
+from proxy.server import hypercorn_version
+
 SUPPORTED = ("0.18.",)
 
 _original_app_send = _hs.HTTPStream.app_send
@@ -129,11 +131,8 @@ def apply(body: bool = True, write: bool = True) -> None:
     """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send.
     Both on by default (the parts are for measurement)."""
     global _applied
-    installed = version("hypercorn")
-    if not installed.startswith(SUPPORTED):
-        raise RuntimeError(
-            f"hypercorn_fast patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: re-check "
-            "protocol/http_stream.py app_send, protocol/h11.py and trio/tcp_server.py protocol_send")
+    hypercorn_version.require(SUPPORTED, "hypercorn_fast", "protocol/http_stream.py app_send, "
+                              "protocol/h11.py and trio/tcp_server.py protocol_send")
     if not version("h11").startswith(("0.14.", "0.15.", "0.16.")):
         raise RuntimeError(f"hypercorn_fast checked against h11 0.14-0.16, found {version('h11')}")
     _check_internals()

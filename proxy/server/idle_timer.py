@@ -23,11 +23,12 @@ apply() refuses any hypercorn other than 0.18.x (the internals above are 0.18's)
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Awaitable, Callable
 
 import trio
 from hypercorn.trio import worker_context as _wc
+
+from proxy.server import hypercorn_version
 
 SUPPORTED = ("0.18.",)
 
@@ -69,10 +70,7 @@ async def _stop(self: _wc.TrioSingleTask) -> None:
 
 
 def apply() -> None:
-    installed = version("hypercorn")
-    if not installed.startswith(SUPPORTED):
-        raise RuntimeError(f"idle_timer patches hypercorn {' / '.join(SUPPORTED)}x, found {installed}: "
-                           "re-check trio/worker_context.py TrioSingleTask")
+    hypercorn_version.require(SUPPORTED, "idle_timer", "trio/worker_context.py TrioSingleTask")
     _wc.TrioSingleTask.restart = _restart
     _wc.TrioSingleTask.stop = _stop
 

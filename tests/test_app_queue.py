@@ -100,3 +100,30 @@ def test_an_idle_queue_is_a_small_fraction_of_a_memory_channel():
     channel = allocated(lambda: trio.open_memory_channel(10))
     queue = allocated(lambda: AppQueue(10))
     assert queue * 5 < channel, (queue, channel)
+
+
+async def test_a_watched_queue_hands_every_item_to_its_watcher_at_once():
+    queue = AppQueue(2)
+    await queue.send("queued before")
+    seen = []
+    queue.watch(seen.append)
+    assert seen == ["queued before"]  # what was queued goes first
+    await queue.send("a")
+    await queue.send("b")
+    await queue.send("c")  # never full while watched: nothing is queued
+    assert seen == ["queued before", "a", "b", "c"]
+    queue.watch(None)
+    await queue.send("queued after")
+    assert await queue.receive() == "queued after"
+    assert seen == ["queued before", "a", "b", "c"]
+
+
+async def test_watching_releases_a_sender_waiting_on_a_full_queue():
+    queue = AppQueue(1)
+    await queue.send(1)
+    seen = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.send, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        queue.watch(seen.append)
+    assert seen == [1, 2]

@@ -1,12 +1,19 @@
-"""The relay alone, with in-memory ASGI send/receive and the autojump clock: exact times."""
+"""The relay alone, with in-memory ASGI send/receive and the autojump clock: exact times.
+
+Every test runs twice: with a watchdog task per relay, and with the hosted watchdog (the
+process's alarms, proxy/server/alarms.py, and the client's events from its app queue), as the
+gateway runs them under serve.py."""
 
 import math
 
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from proxy.core.errors import ShuttingDown, UpstreamError
+from proxy.server.alarms import Alarms
+from proxy.server.app_queue import AppQueue
 from proxy.server.pump import KEEPALIVE, Relay, StreamState
 from proxy.core.sse import DONE, encode_event
 
@@ -23,7 +30,8 @@ class FakeClient:
         self.gate = trio.Event()
         self.gate.set()
         self.blocked_since = None
-        self._inbox_send, self._inbox = trio.open_memory_channel(1)
+        self._inbox = AppQueue(1)  # hypercorn's app queue under serve.py (proxy/server/app_queue.py)
+        self.receive = self._inbox.receive
 
     async def send(self, message):
         self.write_times.append(trio.current_time())
@@ -33,11 +41,8 @@ class FakeClient:
             await self.gate.wait()
         self.messages.append(message)
 
-    async def receive(self):
-        return await self._inbox.receive()
-
     async def disconnect(self):
-        await self._inbox_send.send({"type": "http.disconnect"})
+        await self._inbox.send({"type": "http.disconnect"})
 
     @property
     def body(self) -> bytes:
@@ -48,8 +53,24 @@ class FakeClient:
         return [m for m in self.messages if m["type"] == "http.response.body"]
 
 
+ALARMS: list[Alarms | None] = [None]  # the hosted watchdog's alarms in this test, if any (watchdog)
+
+
+@pytest.fixture(autouse=True, params=["watchdog task", "hosted watchdog"])
+async def watchdog(request, nursery):
+    alarms = None
+    if request.param == "hosted watchdog":
+        alarms = Alarms()
+        nursery.start_soon(alarms.run, trio.Event())
+        await trio.testing.wait_all_tasks_blocked()
+        assert alarms.running
+    ALARMS[0] = alarms
+    yield request.param
+    ALARMS[0] = None
+
+
 def make_relay(client, **kw):
-    options = dict(write_timeout=10.0, buffer=4, keepalive_interval=15.0)
+    options = dict(write_timeout=10.0, buffer=4, keepalive_interval=15.0, alarms=ALARMS[0])
     options.update(kw)
     return Relay(client.send, client.receive, **options)
 
@@ -253,7 +274,8 @@ async def test_a_keepalive_before_the_first_token_starts_no_writer_task(autojump
         nursery.start_soon(relay.run, produce)
         await trio.sleep(31)
         assert client.body == KEEPALIVE + KEEPALIVE
-        assert [t.name.rsplit(".", 1)[-1] for t in relay._nursery.child_tasks] == ["_watch"]
+        tasks = [t.name.rsplit(".", 1)[-1] for t in relay._nursery.child_tasks]
+        assert tasks == (["_watch"] if ALARMS[0] is None else [])  # the hosted watchdog has none
         first.set()
     assert client.body == KEEPALIVE + KEEPALIVE + event(0) + DONE
     assert relay.state is StreamState.FINISHED and relay.failure is None
@@ -317,7 +339,7 @@ async def test_the_disconnect_that_follows_a_finished_response_is_not_a_client_l
         await channel.send(event(0))
         await channel.send(DONE)
 
-    relay = Relay(client.send, client.receive, write_timeout=10.0, buffer=4, keepalive_interval=15.0)
+    relay = make_relay(client)
     await relay.run(produce)
     assert relay.state is StreamState.FINISHED and relay.failure is None
     assert client.body == event(0) + DONE

@@ -15,12 +15,13 @@ the app's `receive`; no closing, no clones, no statistics):
   lost nor taken by a cancelled receiver: trio never calls an abort after a reschedule).
 
 apply() replaces `hypercorn.trio.task_group.TaskGroup.spawn_app` (HTTP/1.1, h2 and websocket
-streams alike) and refuses any hypercorn other than 0.18.x.
+streams alike) and refuses any hypercorn other than 0.18.x. `queue_of(receive)`: the queue behind
+an app's `receive`, if it is one of these.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import outcome
 import trio
@@ -36,7 +37,7 @@ _original_spawn_app = _tg.TaskGroup.spawn_app
 
 
 class AppQueue:
-    __slots__ = ("_items", "_size", "_receivers", "_senders")
+    __slots__ = ("_items", "_size", "_receivers", "_senders", "_watcher")
 
     def __init__(self, size: int):
         if size < 1:
@@ -45,14 +46,30 @@ class AppQueue:
         self._size = size
         self._receivers: list[trio.lowlevel.Task] | None = None  # made by the first wait
         self._senders: ParkingLot | None = None  # made when a sender first finds the queue full
+        self._watcher: Callable[[Any], None] | None = None
+
+    def watch(self, watcher: Callable[[Any], None] | None) -> None:
+        """Hand every item to `watcher(item)` as it comes, in the sender's task, instead of
+        queueing it (first the items already queued); None: queue again. A relay's watchdog
+        without a task of its own (pump.Relay, proxy/server/alarms.py): the client leaving
+        (`http.disconnect`) reaches the stream at once, without a task waiting in `receive()`."""
+        self._watcher = watcher
+        if watcher is not None and self._items:
+            items, self._items = self._items, []
+            if self._senders:
+                self._senders.unpark_all()
+            for item in items:
+                watcher(item)
 
     async def send(self, item: Any) -> None:
         await checkpoint_if_cancelled()
-        while len(self._items) >= self._size:
+        while self._watcher is None and len(self._items) >= self._size:
             if self._senders is None:
                 self._senders = ParkingLot()
             await self._senders.park()
-        if self._receivers:  # a receiver waits: the queue is empty, hand the item over
+        if self._watcher is not None:
+            self._watcher(item)
+        elif self._receivers:  # a receiver waits: the queue is empty, hand the item over
             reschedule(self._receivers.pop(0), outcome.Value(item))
         else:
             self._items.append(item)
@@ -76,6 +93,12 @@ class AppQueue:
             return Abort.SUCCEEDED
 
         return await wait_task_rescheduled(abort)
+
+
+def queue_of(receive: Any) -> AppQueue | None:
+    """The AppQueue whose `receive` this is (the app's ASGI receive under serve.py), else None."""
+    queue = getattr(receive, "__self__", None)
+    return queue if type(queue) is AppQueue else None
 
 
 async def _spawn_app(self: _tg.TaskGroup, app, config, scope, send):

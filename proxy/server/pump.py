@@ -1,7 +1,7 @@
 """The stream pump: one streaming response, upstream reader -> bounded channel -> client writer.
 
     provider ──> [reader: produce(), in the request's task] ──memory channel (stream_buffer items)──> [writer task] ──ASGI send──> client
-                                                       [watchdog task: disconnect, write deadline, keep-alive]
+                                                       [watchdog: disconnect, write deadline, keep-alive]
 
 Rules:
 - The channel is the only buffer of a stream: at most `stream_buffer` items, each the encoded
@@ -24,6 +24,11 @@ Rules:
   channel is full the writer is busy anyway and none is needed.
 - A client disconnect arrives only as `http.disconnect` from `receive()` (a send after it
   silently succeeds), so the watchdog watches `receive()` and cancels the nursery.
+- The watchdog is hosted when it can be (under serve.py: `alarms` running, `receive` an app
+  queue): no task of its own, its alarm one entry of the process's alarms (one task for all
+  streams, proxy/server/alarms.py), the client's events handed over by the app queue as they come
+  (`AppQueue.watch`), a keep-alive written by a task that lives only while it writes. Same rules,
+  ~2.6 KiB less per stream. Otherwise (a relay outside serve.py) it is a task (`_watch`).
 - Each item is written as soon as it arrives; only items already queued are joined into one
   write (no added latency, ~10x fewer sends under load).
 - The first item (headers + first token) is written by the reader itself when the writer is
@@ -32,7 +37,7 @@ Rules:
 - A stream waiting for its first token holds no channel and no writer task (~4 KB a held stream):
   both are made when the first item goes through the channel (`Outlet`; keep-alive comments
   before it are written by the watchdog), so a held stream is the reader waiting on the provider
-  and the watchdog waiting on the client, however long it waits.
+  (and, without the hosted watchdog, the watchdog waiting on the client), however long it waits.
 - Errors travel through the channel in order (a `Finish` item), behind the events that preceded them. Before the
   first byte went out, an upstream error is raised to the caller (a proper HTTP status); after,
   it becomes an error event in the client's format (`error_event`) and the stream ends without
@@ -52,6 +57,8 @@ import trio
 from proxy.core.errors import ClientStalled, GatewayError
 from proxy.core.sse import encode_comment
 from proxy.formats.chat_api import openai_error_event
+from proxy.server.alarms import Alarms
+from proxy.server.app_queue import AppQueue, queue_of
 from proxy.server.asgi import Receive, Send
 
 log = logging.getLogger("proxy.server.pump")
@@ -139,9 +146,10 @@ class Relay:
                  keepalive_interval: float,
                  headers: Callable[[], list[tuple[bytes, bytes]]] = list,
                  error_event: Callable[[GatewayError], bytes] = openai_error_event,
-                 ended: tuple[Callable[[Relay], None], ...] = ()):
+                 ended: tuple[Callable[[Relay], None], ...] = (), alarms: Alarms | None = None):
         self._send = send
         self._receive = receive
+        self._alarms = alarms  # the process's alarms: the watchdog without a task (see `_watch_from`)
         self._write_timeout = write_timeout
         self._buffer = buffer
         self._keepalive = keepalive_interval
@@ -156,6 +164,8 @@ class Relay:
         self._headers_sent = False
         self._first_writing = False  # the reader is writing the first bytes (_write_first)
         self._aside: trio.Event | None = None  # set while the watchdog writes a keep-alive (_write_aside)
+        self._outlet: Outlet | None = None  # the reader's, for the keep-alives of the hosted watchdog
+        self._stalled = False
         self.state = StreamState.PENDING
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
@@ -185,10 +195,17 @@ class Relay:
         """
         self._last_write = trio.current_time()
         outlet = Outlet(self)
+        hosted = self._watch_from()
+        ticket = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery  # the writer starts in it with the first channel item (Outlet)
-                nursery.start_soon(self._watch, nursery.cancel_scope, outlet)
+                if hosted is None:
+                    nursery.start_soon(self._watch, nursery.cancel_scope, outlet)
+                else:
+                    self._outlet = outlet
+                    hosted.watch(self._message)
+                    ticket = self._alarms.set(self, self._alarm_at(self._last_write))
                 # The reader runs in the request's own task: the upstream request goes out now,
                 # not one scheduler round later (under load, a round is every other stream's turn).
                 # Inline, not a method of its own: one coroutine frame less for the stream's life.
@@ -211,9 +228,15 @@ class Relay:
                 finally:
                     await outlet.aclose()  # the writer sees the end once the queue is empty
         except* ClientStalled:
-            self.state = StreamState.STALLED
-            self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
+            self._stalled = True
         finally:
+            if hosted is not None:
+                hosted.watch(None)
+                self._alarms.cancel(ticket)
+                self._outlet = None
+            if self._stalled:
+                self.state = StreamState.STALLED
+                self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
             self._nursery = None
             for end in self._ended:  # the open streams' bookkeeping, the log line (streams.py)
                 end(self)
@@ -221,6 +244,44 @@ class Relay:
             raise self.failure
 
     # -- watchdog --
+
+    def _watch_from(self) -> AppQueue | None:
+        """The app queue to watch from when the process's alarms serve this stream (the hosted
+        watchdog: no task of its own, ~2.6 KiB less per stream; proxy/server/alarms.py), else
+        None (a watchdog task: `_watch`). Both follow the same rules (module docstring)."""
+        if self._alarms is None or not self._alarms.running:
+            return None
+        return queue_of(self._receive)
+
+    def _message(self, message: dict) -> None:
+        """The hosted watchdog's `receive()`: every ASGI receive event, as it comes."""
+        if message["type"] == "http.disconnect" and self._nursery is not None:
+            # After the last write, hypercorn reports the finished response as a disconnect too:
+            # that is the end, not a client leaving.
+            if self.state in (StreamState.PENDING, StreamState.STREAMING):
+                self.state = StreamState.DISCONNECTED
+            self._nursery.cancel_scope.cancel()
+
+    def alarm(self, now: float) -> float | None:
+        """The hosted watchdog's alarm (`_watch` after its scope rang); returns the next one."""
+        nursery = self._nursery
+        if nursery is None or nursery.cancel_scope.cancel_called:
+            return None
+        if self._write_began is not None:
+            if now - self._write_began >= self._write_timeout:
+                self._stalled = True
+                nursery.cancel_scope.cancel()
+                return None
+        elif now - self._last_write >= self._keepalive:
+            self._last_write = now  # due again one interval from now, written or not
+            if self._outlet._channel is None:
+                nursery.start_soon(self._write_aside, KEEPALIVE)  # a task only while it writes
+            else:
+                try:
+                    self._outlet.send_nowait(KEEPALIVE)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass  # full: the writer has work; closed: the producer is done
+        return self._alarm_at(now)
 
     def _alarm_at(self, now: float) -> float:
         """When the watchdog must look next (see the module docstring)."""
@@ -261,9 +322,11 @@ class Relay:
         would add ~4 KB to every stream held past one `keepalive_interval`. Only ever called when no
         write is pending (the alarm looks for a stall then, not for a keep-alive); a writer started
         meanwhile (the reader's first item) waits for this write (`_write_all`), so bytes keep
-        their order. While it lasts the watchdog watches nothing: a write stuck here (a client
-        that left ~64 KB of comments unread) is ended by the kernel (TCP_USER_TIMEOUT =
-        write_timeout, serve.py), as a stuck first write from the reader is (`_write_first`)."""
+        their order. The hosted watchdog runs it as a task of its own for as long as it writes,
+        and watches it as any write; a watchdog task runs it itself and watches nothing while it
+        lasts: a write stuck there (a client that left ~64 KB of comments unread) is ended by the
+        kernel (TCP_USER_TIMEOUT = write_timeout, serve.py), as a stuck first write from the
+        reader is (`_write_first`)."""
         done = self._aside = trio.Event()
         try:
             await self._out(data)

@@ -195,6 +195,7 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_stop, stop, shutdown_trigger)
         nursery.start_soon(return_memory, gateway.streams, rules.drained)
+        nursery.start_soon(gateway.streams.alarms.run, rules.drained)  # the streams' watchdogs (pump)
         binds = await nursery.start(lambda task_status: worker_serve(
             AppWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
         task_status.started(binds)

@@ -12,6 +12,7 @@ from proxy.config import ServerConfig
 from proxy.core.errors import GatewayError
 from proxy.server.asgi import Headers, Receive, Send
 from proxy.formats.chat_api import openai_error_event
+from proxy.server.alarms import Alarms
 from proxy.server.pump import Producer, Relay
 
 
@@ -20,6 +21,7 @@ class Streams:
         self._server = server
         self._open: set[Relay] = set()
         self.ended = 0  # streams that ended since start (proxy/server/serve.py returns memory by it)
+        self.alarms = Alarms()  # every stream's watchdog alarm, while serve.py runs it
 
     def __len__(self) -> int:
         return len(self._open)
@@ -40,7 +42,7 @@ class Streams:
         server = self._server
         relay = Relay(send, receive, write_timeout=server.write_timeout, buffer=server.stream_buffer,
                       keepalive_interval=server.keepalive_interval, headers=headers,
-                      error_event=error_event, ended=(self._end, done))
+                      error_event=error_event, ended=(self._end, done), alarms=self.alarms)
         self._open.add(relay)
         return relay.run(produce)
 

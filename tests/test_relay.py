@@ -1,8 +1,9 @@
 """The relay alone, with in-memory ASGI send/receive and the autojump clock: exact times.
 
-Every test runs twice: with a watchdog task per relay, and with the hosted watchdog (the
-process's alarms, proxy/server/alarms.py, and the client's events from its app queue), as the
-gateway runs them under serve.py."""
+Every test runs twice (its `watchdog` fixture): with a watchdog task per relay, and with the
+hosted watchdog (the process's alarms, proxy/server/alarms.py, and the client's events from its
+app queue), as the gateway runs them under serve.py. (pytest-trio sets up an async fixture only
+for the tests that ask for it: hence the argument, not autouse.)"""
 
 import math
 
@@ -56,7 +57,7 @@ class FakeClient:
 ALARMS: list[Alarms | None] = [None]  # the hosted watchdog's alarms in this test, if any (watchdog)
 
 
-@pytest.fixture(autouse=True, params=["watchdog task", "hosted watchdog"])
+@pytest.fixture(params=["watchdog task", "hosted watchdog"])
 async def watchdog(request, nursery):
     alarms = None
     if request.param == "hosted watchdog":
@@ -79,7 +80,7 @@ def event(i: int) -> bytes:
     return encode_event(orjson.dumps({"i": i}))
 
 
-async def test_events_relayed_in_order_then_done(autojump_clock):
+async def test_events_relayed_in_order_then_done(watchdog, autojump_clock):
     client = FakeClient()
 
     async def produce(channel):
@@ -101,7 +102,7 @@ async def test_events_relayed_in_order_then_done(autojump_clock):
     assert relay.failure is None and relay.state is StreamState.FINISHED
 
 
-async def test_each_event_is_flushed_when_it_arrives(autojump_clock):
+async def test_each_event_is_flushed_when_it_arrives(watchdog, autojump_clock):
     client = FakeClient()
 
     async def produce(channel):
@@ -114,7 +115,7 @@ async def test_each_event_is_flushed_when_it_arrives(autojump_clock):
     assert client.write_times[1:4] == [2.0, 4.0, 6.0]
 
 
-async def test_queued_events_are_coalesced_into_one_write():
+async def test_queued_events_are_coalesced_into_one_write(watchdog):
     client = FakeClient()
     client.gate = trio.Event()  # not reading yet
 
@@ -131,7 +132,7 @@ async def test_queued_events_are_coalesced_into_one_write():
     assert len(client.body_sends) < 9
 
 
-async def test_slow_client_bounds_what_the_producer_can_read(autojump_clock):
+async def test_slow_client_bounds_what_the_producer_can_read(watchdog, autojump_clock):
     client = FakeClient()
     client.gate = trio.Event()
     produced = 0
@@ -153,7 +154,7 @@ async def test_slow_client_bounds_what_the_producer_can_read(autojump_clock):
     assert client.body == b"".join(event(i) for i in range(1000))
 
 
-async def test_stalled_write_cancels_the_producer_at_the_deadline(autojump_clock):
+async def test_stalled_write_cancels_the_producer_at_the_deadline(watchdog, autojump_clock):
     client = FakeClient()
     cancelled_at = None
 
@@ -188,7 +189,7 @@ async def test_stalled_write_cancels_the_producer_at_the_deadline(autojump_clock
     assert DONE not in client.body
 
 
-async def test_client_disconnect_cancels_the_producer_at_once(autojump_clock):
+async def test_client_disconnect_cancels_the_producer_at_once(watchdog, autojump_clock):
     client = FakeClient()
     cancelled_at = None
 
@@ -214,7 +215,7 @@ async def test_client_disconnect_cancels_the_producer_at_once(autojump_clock):
     assert relay.state is StreamState.DISCONNECTED and relay.failure is None
 
 
-async def test_upstream_failure_mid_stream_is_an_error_event_without_done():
+async def test_upstream_failure_mid_stream_is_an_error_event_without_done(watchdog):
     client = FakeClient()
 
     async def produce(channel):
@@ -234,7 +235,7 @@ async def test_upstream_failure_mid_stream_is_an_error_event_without_done():
     assert isinstance(relay.failure, UpstreamError)
 
 
-async def test_upstream_failure_before_any_byte_is_raised_for_a_proper_status():
+async def test_upstream_failure_before_any_byte_is_raised_for_a_proper_status(watchdog):
     client = FakeClient()
 
     async def produce(channel):
@@ -245,7 +246,7 @@ async def test_upstream_failure_before_any_byte_is_raised_for_a_proper_status():
     assert client.messages == []
 
 
-async def test_keepalive_comments_while_waiting_for_a_slow_first_token(autojump_clock):
+async def test_keepalive_comments_while_waiting_for_a_slow_first_token(watchdog, autojump_clock):
     client = FakeClient()
 
     async def produce(channel):
@@ -258,7 +259,7 @@ async def test_keepalive_comments_while_waiting_for_a_slow_first_token(autojump_
     assert client.write_times[1:3] == [15.0, 30.0]
 
 
-async def test_a_keepalive_before_the_first_token_starts_no_writer_task(autojump_clock):
+async def test_a_keepalive_before_the_first_token_starts_no_writer_task(watchdog, autojump_clock):
     """The watchdog writes the comments itself while nothing went through the channel: a stream
     held for minutes keeps no writer task and no channel (pump._write_aside)."""
     client = FakeClient()
@@ -281,7 +282,47 @@ async def test_a_keepalive_before_the_first_token_starts_no_writer_task(autojump
     assert relay.state is StreamState.FINISHED and relay.failure is None
 
 
-async def test_an_abort_during_a_keepalive_write_follows_it(autojump_clock):
+async def test_a_first_token_at_the_keepalive_instant_never_writes_beside_it(watchdog, autojump_clock):
+    """The keep-alive alarm and the first token in the same instant, either running first: the two
+    writes never overlap (one ASGI send at a time), and the comment, if written, goes first."""
+    for _ in range(10):  # trio runs a batch in either order: both orders get their turn
+        client = FakeClient()
+        sending = [0, 0]  # in flight now, most at once
+        original = client.send
+
+        async def send(message):
+            sending[0] += 1
+            sending[1] = max(sending)
+            try:
+                await original(message)
+            finally:
+                sending[0] -= 1
+
+        client.send = send
+        relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
+
+        async def produce(outlet):
+            await trio.sleep(15)  # the keep-alive is due at this very instant
+            await outlet.put(event(0))
+            await outlet.put(DONE)
+
+        async def slow_client():
+            await trio.sleep(14.5)
+            client.gate = trio.Event()  # writes take a while: an overlap would show
+            await trio.sleep(1)
+            client.gate.set()
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_client)
+            await relay.run(produce)
+        assert sending[1] == 1, "two writes at once"
+        assert client.body in (event(0) + DONE, KEEPALIVE + event(0) + DONE), client.body
+        assert relay.state is StreamState.FINISHED
+        assert trio.current_time() - start < 20
+
+
+async def test_an_abort_during_a_keepalive_write_follows_it(watchdog, autojump_clock):
     """The order of a keep-alive and the first token: tests/test_new_stream_costs.py."""
     client = FakeClient()
     relay = make_relay(client, keepalive_interval=15.0, write_timeout=60.0)
@@ -304,7 +345,7 @@ async def test_an_abort_during_a_keepalive_write_follows_it(autojump_clock):
     assert b"server_shutting_down" in client.body and b"[DONE]" not in client.body
 
 
-async def test_abort_ends_the_stream_with_the_given_error(autojump_clock):
+async def test_abort_ends_the_stream_with_the_given_error(watchdog, autojump_clock):
     client = FakeClient()
     relay = make_relay(client)
 
@@ -324,7 +365,7 @@ async def test_abort_ends_the_stream_with_the_given_error(autojump_clock):
     assert b"[DONE]" not in client.body
 
 
-async def test_the_disconnect_that_follows_a_finished_response_is_not_a_client_leaving():
+async def test_the_disconnect_that_follows_a_finished_response_is_not_a_client_leaving(watchdog):
     client = FakeClient()
     original_send = client.send
 

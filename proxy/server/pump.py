@@ -275,7 +275,10 @@ class Relay:
         elif now - self._last_write >= self._keepalive:
             self._last_write = now  # due again one interval from now, written or not
             if self._outlet._channel is None:
-                nursery.start_soon(self._write_aside, KEEPALIVE)  # a task only while it writes
+                # A task only while it writes. Marked now, not when the task first runs: a first
+                # token arriving meanwhile goes through the channel, behind this (_writer_idle).
+                self._aside = trio.Event()
+                nursery.start_soon(self._write_aside, KEEPALIVE)
             else:
                 try:
                     self._outlet.send_nowait(KEEPALIVE)
@@ -327,7 +330,9 @@ class Relay:
         lasts: a write stuck there (a client that left ~64 KB of comments unread) is ended by the
         kernel (TCP_USER_TIMEOUT = write_timeout, serve.py), as a stuck first write from the
         reader is (`_write_first`)."""
-        done = self._aside = trio.Event()
+        if self._aside is None:  # the hosted alarm marks it before the task runs
+            self._aside = trio.Event()
+        done = self._aside
         try:
             await self._out(data)
         finally:
@@ -339,7 +344,7 @@ class Relay:
     def _writer_idle(self, channel: trio.MemorySendChannel | None) -> bool:
         """Nothing written or being written, nothing queued or handed to the writer (a keep-alive):
         the writer is parked in its `receive()` with nothing to do."""
-        if self._headers_sent or self._write_began is not None:
+        if self._headers_sent or self._write_began is not None or self._aside is not None:
             return False
         if channel is None:
             return True  # no writer yet: nothing went through a channel (Outlet)

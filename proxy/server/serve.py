@@ -194,12 +194,21 @@ async def serve(config: Config, gateway: Gateway | None = None, *, sock: socket.
     async def stopped() -> None:
         await stop.wait()
 
+    served = trio.Event()  # hypercorn returned: no connection, no stream is left
+
+    async def hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await worker_serve(AppWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped,
+                               task_status=task_status)
+        finally:
+            served.set()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_stop, stop, shutdown_trigger)
         nursery.start_soon(return_memory, gateway.streams, rules.drained)
-        nursery.start_soon(gateway.streams.alarms.run, rules.drained)  # the streams' watchdogs (pump)
-        binds = await nursery.start(lambda task_status: worker_serve(
-            AppWrapper(gateway), hc, sockets=sockets, shutdown_trigger=stopped, task_status=task_status))
+        # The streams' watchdog alarms (pump, alarms.py), for as long as a stream can be open.
+        nursery.start_soon(gateway.streams.alarms.run, served)
+        binds = await nursery.start(hypercorn)
         task_status.started(binds)
         await stop.wait()
         gateway.draining = True

@@ -108,6 +108,27 @@ async def test_client_disconnect_closes_the_upstream(start_gateway, fake):
     assert record.tokens_sent < 1000
 
 
+async def test_client_disconnect_while_a_stream_waits_for_its_first_token(start_gateway, fake):
+    """A held stream has no watchdog task (the hosted watchdog, proxy/server/alarms.py): the
+    client leaving reaches it from the app queue and releases the provider all the same."""
+    gw = await start_gateway()
+    client = await open_client(gw.url, rcvbuf=None)
+    await client.send_all(raw_request(chat_body('fake: {"ttft": 60}', stream=True)))
+    with trio.fail_after(5):
+        record = await first_record(fake)
+        while not len(gw.gateway.streams):
+            await trio.sleep(0.01)
+    relay = next(iter(gw.gateway.streams))
+    assert relay._nursery is not None and not relay._nursery.child_tasks  # no watchdog, no writer
+    await client.aclose()
+    with trio.fail_after(5):
+        await record.closed.wait()
+        while len(gw.gateway.streams):
+            await trio.sleep(0.01)
+    assert record.peer_closed_early and not record.completed
+    assert relay.outcome == "client_disconnected"
+
+
 async def test_client_disconnect_cancels_a_non_streaming_upstream_call(start_gateway, fake):
     gw = await start_gateway()
     client = await open_client(gw.url, rcvbuf=None)

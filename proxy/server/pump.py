@@ -10,9 +10,9 @@ Rules:
   slowly, `send()` blocks (hypercorn returns once bytes reach the kernel), the channel fills,
   the reader blocks and stops reading the provider's socket: TCP throttles the provider.
 - Per-write deadline: hypercorn shields its socket writes from cancellation, so a timeout around
-  `send()` never fires. The watchdog holds one alarm (a cancel scope around its `receive()`);
-  when it rings while a write has been pending for `write_timeout`, it raises `ClientStalled`,
-  which cancels the nursery: the reader, and with it the upstream socket, is released at once;
+  `send()` never fires. The watchdog holds one alarm (`alarm`); when it rings while a write has
+  been pending for `write_timeout`, it marks the stream stalled (`ClientStalled`) and cancels
+  the nursery: the reader, and with it the upstream socket, is released at once;
   the stuck write itself is ended by the kernel (TCP_USER_TIMEOUT, `proxy/server/serve.py`).
 - The alarm is lazy, so the per-event path moves no deadline and opens no cancel scope: the
   writer only stamps when its write began. The alarm never rings later than `write_timeout`
@@ -164,8 +164,8 @@ class Relay:
         self._headers_sent = False
         self._first_writing = False  # the reader is writing the first bytes (_write_first)
         self._aside: trio.Event | None = None  # set while the watchdog writes a keep-alive (_write_aside)
-        self._outlet: Outlet | None = None  # the reader's, for the keep-alives of the hosted watchdog
-        self._stalled = False
+        self._outlet: Outlet | None = None  # the reader's, for the watchdog's keep-alives
+        self._stalled = False  # the watchdog found a write pending past write_timeout
         self.state = StreamState.PENDING
         self.bytes_written = 0
         self.failure: GatewayError | None = None  # the error the stream ended with, if any
@@ -200,10 +200,10 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery  # the writer starts in it with the first channel item (Outlet)
+                self._outlet = outlet  # the watchdog's, for keep-alives
                 if hosted is None:
-                    nursery.start_soon(self._watch, nursery.cancel_scope, outlet)
+                    nursery.start_soon(self._watch)
                 else:
-                    self._outlet = outlet
                     hosted.watch(self._message)
                     ticket = self._alarms.set(self, self._alarm_at(self._last_write))
                 # The reader runs in the request's own task: the upstream request goes out now,
@@ -227,13 +227,11 @@ class Relay:
                         await outlet.send(Finish(self._abort))
                 finally:
                     await outlet.aclose()  # the writer sees the end once the queue is empty
-        except* ClientStalled:
-            self._stalled = True
         finally:
+            self._outlet = None
             if hosted is not None:
                 hosted.watch(None)
                 self._alarms.cancel(ticket)
-                self._outlet = None
             if self._stalled:
                 self.state = StreamState.STALLED
                 self.failure = ClientStalled(f"client did not accept a write for {self._write_timeout} s")
@@ -254,7 +252,7 @@ class Relay:
         return queue_of(self._receive)
 
     def _message(self, message: dict) -> None:
-        """The hosted watchdog's `receive()`: every ASGI receive event, as it comes."""
+        """The watchdog's `receive()`: every ASGI receive event, as it comes."""
         if message["type"] == "http.disconnect" and self._nursery is not None:
             # After the last write, hypercorn reports the finished response as a disconnect too:
             # that is the end, not a client leaving.
@@ -263,7 +261,9 @@ class Relay:
             self._nursery.cancel_scope.cancel()
 
     def alarm(self, now: float) -> float | None:
-        """The hosted watchdog's alarm (`_watch` after its scope rang); returns the next one."""
+        """The watchdog's alarm rang (the process's alarms, or `_watch`'s deadline): a write
+        pending past `write_timeout` ends the stream as stalled, a silence of `keepalive_interval`
+        gets a comment. Returns when to look next; None once the stream is ending."""
         nursery = self._nursery
         if nursery is None or nursery.cancel_scope.cancel_called:
             return None
@@ -292,45 +292,25 @@ class Relay:
             return self._write_began + self._write_timeout
         return min(self._last_write + self._keepalive, now + self._write_timeout)
 
-    async def _watch(self, cancel_relay: trio.CancelScope, keepalive: Outlet) -> None:
-        """`keepalive` is the reader's own outlet: once the reader closed it, none is needed."""
-        while True:
-            with trio.CancelScope(deadline=self._alarm_at(trio.current_time())):
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    # After the last write, hypercorn reports the finished response as a
-                    # disconnect too: that is the end, not a client leaving.
-                    if self.state in (StreamState.PENDING, StreamState.STREAMING):
-                        self.state = StreamState.DISCONNECTED
-                    cancel_relay.cancel()
-                    return
+    async def _watch(self) -> None:
+        """The watchdog as a task (a relay outside serve.py): `receive()` under the alarm's
+        deadline, and the very steps of the hosted watchdog (`_message`, `alarm`)."""
+        due = self._alarm_at(trio.current_time())
+        while due is not None:
+            with trio.CancelScope(deadline=due):
+                self._message(await self._receive())
                 continue
-            now = trio.current_time()
-            if self._write_began is not None:
-                if now - self._write_began >= self._write_timeout:
-                    raise ClientStalled("write deadline passed")
-            elif now - self._last_write >= self._keepalive:
-                self._last_write = now  # due again one interval from now, written or not
-                if keepalive._channel is None:
-                    await self._write_aside(KEEPALIVE)  # no writer yet: no need to start one for this
-                else:
-                    try:
-                        keepalive.send_nowait(KEEPALIVE)
-                    except (trio.WouldBlock, trio.ClosedResourceError):
-                        pass  # full: the writer has work; closed: the producer is done
+            due = self.alarm(trio.current_time())
 
     async def _write_aside(self, data: bytes) -> None:
         """A keep-alive comment while nothing went through the channel (a stream waiting for its
-        first token), written from the watchdog: starting the writer task and its channel for it
+        first token), written for the watchdog: starting the writer task and its channel for it
         would add ~4 KB to every stream held past one `keepalive_interval`. Only ever called when no
         write is pending (the alarm looks for a stall then, not for a keep-alive); a writer started
         meanwhile (the reader's first item) waits for this write (`_write_all`), so bytes keep
-        their order. The hosted watchdog runs it as a task of its own for as long as it writes,
-        and watches it as any write; a watchdog task runs it itself and watches nothing while it
-        lasts: a write stuck there (a client that left ~64 KB of comments unread) is ended by the
-        kernel (TCP_USER_TIMEOUT = write_timeout, serve.py), as a stuck first write from the
-        reader is (`_write_first`)."""
-        if self._aside is None:  # the hosted alarm marks it before the task runs
+        their order. It runs as a task of its own for as long as it writes (`alarm` starts it),
+        and the watchdog watches it as any write."""
+        if self._aside is None:  # `alarm` marks it before the task runs
             self._aside = trio.Event()
         done = self._aside
         try:

@@ -17,7 +17,7 @@ from proxy.core.request import parse_chat_request
 from proxy.config import parse_config
 from proxy.core.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamStatusError, UpstreamTimeout
 from proxy.formats import make_adapter
-from proxy.core.errors import FirstTokenTimeout, NoHealthyDeployment, Saturated
+from proxy.core.errors import FirstTokenTimeout, NoHealthyDeployment, RequestTimeout, Saturated
 from proxy.routing.policy import backoff
 from proxy.routing.router import Router
 
@@ -38,9 +38,10 @@ class Body:
     def __init__(self, script):
         self._script = list(script)  # [(delay, bytes | exception)]
         self.timer = None
+        self.deadline = math.inf
 
     def first_output(self) -> None:  # as proxy.transport.upstream.Body: the TTFT deadline is over
-        self.timer.deadline = math.inf
+        self.timer.deadline = self.deadline
 
     async def next(self) -> bytes:
         if not self._script:
@@ -64,22 +65,26 @@ class ScriptedUpstream:
         script = self.behaviours[name]
         return script.pop(0) if len(script) > 1 else script[0]
 
-    async def request(self, adapter, wire):
+    async def request(self, adapter, wire, *, deadline=math.inf):
         item = self._next(adapter.name)
         if isinstance(item, Exception):
             raise item
         return item
 
     @contextlib.asynccontextmanager
-    async def stream(self, adapter, wire, *, ttft_deadline=math.inf):
-        """Like proxy.transport.upstream.Upstream.stream: the TTFT deadline on the body's timer."""
+    async def stream(self, adapter, wire, *, ttft_deadline=math.inf, deadline=math.inf):
+        """Like proxy.transport.upstream.Upstream.stream: the TTFT deadline and the request's own
+        on the body's one timer."""
         item = self._next(adapter.name)
         if isinstance(item, Exception):
             raise item
-        with trio.CancelScope(deadline=ttft_deadline) as timer:
+        with trio.CancelScope(deadline=min(ttft_deadline, deadline)) as timer:
             item.timer = timer
+            item.deadline = deadline
             yield item
         if timer.cancelled_caught:
+            if timer.deadline >= deadline:
+                raise RequestTimeout(f"request_timeout ran out streaming from provider {adapter.name}")
             raise FirstTokenTimeout(f"provider {adapter.name}: no first token within the ttft_timeout")
 
 
@@ -215,6 +220,41 @@ async def test_request_timeout_bounds_retries(autojump_clock):
     with pytest.raises(UpstreamTimeout, match="request_timeout"):
         await gw.complete(request(), dispatch.Served())
     assert trio.current_time() == 5.0
+
+
+async def test_request_timeout_ends_a_committed_stream_without_failover_or_a_verdict(autojump_clock):
+    # Tokens at 1 s, then every 2 s; request_timeout 5: the stream ends at 5 s exactly, after
+    # three tokens, with no switch to p2 and nothing counted against p1's breaker.
+    slow = Body([(0, ROLE), (1.0, TOKEN), (2.0, TOKEN), (2.0, TOKEN), (2.0, TOKEN), (0, END)])
+    up = ScriptedUpstream(p1=[slow], p2=[Body([(0, ROLE), (0, TOKEN), (0, END)])])
+    gw = gateway(up, router={"request_timeout": 5}, models=PRIMARY_FIRST)
+    emitted = []
+
+    async def emit(chunks):
+        emitted.append(trio.current_time())
+
+    served = dispatch.Served()
+    with pytest.raises(UpstreamTimeout, match="request_timeout of 5 s exceeded after 1 attempts"):
+        await gw.stream(request(stream=True), emit, served)
+    assert trio.current_time() == 5.0
+    assert emitted == [1.0, 3.0]  # the role chunk goes with the first token
+    assert up.calls == [(0.0, "p1")]
+    state = gw.router.states["p1/a"]
+    assert state.failures == 0 and state.breaker.consecutive_failures == 0
+    assert served.tried[0][:2] == ("p1/a", "upstream_timeout")
+
+
+@pytest.mark.parametrize("how", ["pinned", "bypass"])
+async def test_request_timeout_bounds_a_pinned_or_bypassed_request_too(autojump_clock, how):
+    models = {"m": {"deployments": [{"provider": "p1", "model": "a"}]}}
+    if how == "pinned":
+        models["m"]["pin"] = "p1/a"
+    up = ScriptedUpstream(p1=[Body([(0, ROLE), (30.0, TOKEN), (0, END)])])
+    gw = gateway(up, router={"request_timeout": 4}, models=models)
+    gw.router.bypass = how == "bypass"
+    with pytest.raises(UpstreamTimeout, match="request_timeout"):
+        await gw.stream(request(stream=True), _sink, dispatch.Served())
+    assert trio.current_time() == 4.0
 
 
 async def test_ttft_timeout_fails_over_before_any_byte(autojump_clock):

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from proxy.config import parse_config
-from proxy.core.errors import FirstTokenTimeout, UpstreamTimeout
+from proxy.core.errors import FirstTokenTimeout, RequestTimeout, UpstreamTimeout
 from proxy.formats import make_adapter
 from proxy.transport.upstream import Upstream
 
@@ -127,6 +127,49 @@ async def test_the_routers_earlier_ttft_deadline_shares_the_timer(autojump_clock
         with pytest.raises(FirstTokenTimeout):
             await read_stream(up, adapter, ttft_deadline=trio.current_time() + 2.0)
         assert trio.current_time() == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_requests_own_deadline_shares_the_timer_before_the_first_token(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        port = await provider(nursery, [(3.0, token("a"))], b"text/event-stream")
+        up, adapter = upstream(port, first_byte_timeout=5.0, read_timeout=0.3)
+        with pytest.raises(RequestTimeout, match="request_timeout"):
+            async with up.stream(adapter, wire(adapter, True), ttft_deadline=trio.current_time() + 2.5,
+                                 deadline=trio.current_time() + 1.5) as body:
+                await body.next()
+        assert trio.current_time() == pytest.approx(1.5)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("client_wait", [0.0, 2.0])
+async def test_the_requests_own_deadline_ends_a_stream_mid_way_in_a_read_or_waiting_for_the_client(
+        autojump_clock, client_wait):
+    # Tokens every 0.2 s; the request's deadline at 1.1 s. Without a slow client it falls in a
+    # read (capped below read_timeout); with one, while the stream waits for it between reads
+    # (where read_timeout does not count, but the request's whole time does).
+    async with trio.open_nursery() as nursery:
+        port = await provider(nursery, [(0.2, token(str(i))) for i in range(20)], b"text/event-stream")
+        up, adapter = upstream(port, first_byte_timeout=5.0, read_timeout=0.3)
+        reads = []
+        with pytest.raises(RequestTimeout):
+            async with up.stream(adapter, wire(adapter, True), deadline=trio.current_time() + 1.1) as body:
+                body.first_output()
+                while await body.next():
+                    reads.append(trio.current_time())
+                    await trio.sleep(client_wait)
+        assert trio.current_time() == pytest.approx(1.1)
+        assert len(reads) == (5 if client_wait == 0.0 else 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_requests_own_deadline_bounds_a_plain_answer(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        port = await provider(nursery, [(0.2, b"{"), (3.0, b"}")], b"application/json")
+        up, adapter = upstream(port, first_byte_timeout=5.0, read_timeout=10.0)
+        with pytest.raises(RequestTimeout):
+            await up.request(adapter, wire(adapter, False), deadline=trio.current_time() + 1.0)
+        assert trio.current_time() == pytest.approx(1.0)
         nursery.cancel_scope.cancel()
 
 

@@ -259,6 +259,11 @@ class FirstTokenTimeout(UpstreamTimeout):
     code = "first_token_timeout"
 
 
+class RequestTimeout(UpstreamTimeout):
+    """The request's whole time (`router.request_timeout`, retries and streaming included) ran
+    out. The failover says so with the figures; no verdict on the deployment that was serving."""
+
+
 # -- virtual keys, limits and budgets (proxy/keys) --
 
 class ModelNotAllowed(Forbidden):

@@ -10,7 +10,9 @@ The loop (rules in `policy.py`, selection in `router.py`):
         RETRY errors back off (full jitter, or the provider's Retry-After up to
         retry_after_max; a longer one fails over at once) up to `retries` times, then the next
         model; UNUSABLE (401/403) opens the breaker and moves on; FATAL goes to the client.
-    all of it inside `request_timeout`.
+    all of it inside `request_timeout`: a deadline handed to every wait (admission, backoff) and
+    to the attempt, whose upstream timer carries it (no cancel scope held here for as long as a
+    stream lasts); when it runs out, 504 upstream_timeout naming it.
 A stream is *committed* once its first token is handed to the client: until then chunks are held
 back (only the role chunk, a few bytes) so a failover stays invisible; after, there is no silent
 switch — a failure ends the stream with an error event, as the relay does.
@@ -25,7 +27,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
 
-from proxy.core.errors import GatewayError, NoHealthyDeployment, UpstreamTimeout, clip
+from proxy.core.errors import GatewayError, NoHealthyDeployment, RequestTimeout, UpstreamTimeout, clip
 from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest
 from proxy.formats import ProviderAdapter
@@ -35,7 +37,8 @@ from proxy.transport.upstream import Upstream
 
 Emit = Callable[[list[Chunk]], Awaitable[None]]
 T = TypeVar("T")
-Attempt = Callable[[DeploymentState, str, float | None], Awaitable[T]]
+# attempt(state, model_name, ttft_timeout, deadline): one try; `deadline` is the request's own.
+Attempt = Callable[[DeploymentState, str, float | None, float], Awaitable[T]]
 
 
 @dataclass(slots=True)
@@ -75,27 +78,32 @@ class Failover:
         """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure.
         Returns the failover loop's coroutine to await (no frame of its own for the stream's life)."""
 
-        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> None:
+        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> None:
             adapter = self.adapters[state.deployment.provider]
             # The TTFT deadline covers connecting, the response headers and the wait for the first
-            # token — and nothing after. It shares the upstream's one timer (no scope of our own).
-            deadline = trio.current_time() + ttft if ttft else math.inf
+            # token — and nothing after. It shares the upstream's one timer (no scope of our own),
+            # as the request's own deadline does.
             # The wire request is no local of this frame: the upstream drops it once sent, and it
             # is not kept (body bytes, headers) for as long as the stream lasts.
             async with self.upstream.stream(adapter, adapter.chat_request(request, model),
-                                            ttft_deadline=deadline) as body:
+                                            ttft_deadline=trio.current_time() + ttft if ttft else math.inf,
+                                            deadline=deadline) as body:
                 parser = adapter.stream_parser(self.max_event_bytes, request)
                 held: list[Chunk] = []
-                data = b"-"
-                while data and not any(chunk.visible for chunk in held):
+                ended = False
+                while not ended and not any(chunk.visible for chunk in held):
                     data = await body.next()
-                    held += parser.feed(data) if data else parser.close()
+                    ended = not data
+                    held += parser.close() if ended else parser.feed(data)
+                    del data  # parsed: not kept while the next read waits (a held stream's whole wait)
                     if parser.failed is not None:
                         raise parser.failed
                 served.committed = True  # chunks are held back until here: failover stays invisible
                 body.first_output()
                 if held:
                     await emit(held)
+                del held
+                data = b"" if ended else b"-"
                 while data:
                     data = await body.next()
                     chunks = parser.feed(data) if data else parser.close()
@@ -110,9 +118,9 @@ class Failover:
     async def complete(self, request: ChatRequest, served: Served) -> dict[str, Any]:
         """The whole answer as a canonical (OpenAI chat.completion) dict; raise GatewayError on failure."""
 
-        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> dict[str, Any]:
             adapter = self.adapters[state.deployment.provider]
-            raw = await self.upstream.request(adapter, adapter.chat_request(request, model))
+            raw = await self.upstream.request(adapter, adapter.chat_request(request, model), deadline=deadline)
             return adapter.parse_completion(raw, request)
 
         return await self.run(request.model, served, attempt)
@@ -121,107 +129,114 @@ class Failover:
     async def embeddings(self, body: dict[str, Any], served: Served) -> dict[str, Any]:
         """An embeddings request (already validated) in OpenAI's list shape."""
 
-        async def attempt(state: DeploymentState, model: str, ttft: float | None) -> dict[str, Any]:
+        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> dict[str, Any]:
             adapter = self.adapters[state.deployment.provider]
             wire = adapter.embeddings_request(body, model)  # 400 for a kind without embeddings
-            return adapter.parse_embeddings(await self.upstream.request(adapter, wire))
+            return adapter.parse_embeddings(await self.upstream.request(adapter, wire, deadline=deadline))
 
         return await self.run(body["model"], served, attempt)
 
     def run(self, model: str, served: Served, attempt: Attempt[T]) -> Awaitable[T]:
         """Any call to `model`'s deployments under the routing rules: `attempt(state, model_name,
-        ttft_timeout)` makes one try; this decides which deployments, how often, and when.
+        ttft_timeout, deadline)` makes one try; this decides which deployments, how often, and
+        when, all within `request_timeout` (bypassed and pinned requests too).
         Returns the coroutine to await: it picks one, and keeps no frame of its own while a
         stream runs (each frame of the await chain lives as long as the stream)."""
         router = self.router
         route = router.check_model(model)
         pinned = router.pinned(route, served.requested)
+        deadline = trio.current_time() + router.settings.request_timeout
         if router.bypass:  # straight to the first deployment: nothing of the router in the way
             state = router.states[route.deployments[0].name]
-            return self._once(model, served, state, route, attempt, gate=False, track=False)
+            return self._once(model, served, state, route, attempt, deadline, gate=False, track=False)
         if pinned is not None:  # latency-critical: one deployment, one attempt, health still recorded
-            return self._once(model, served, pinned, route, attempt, gate=False)
-        return self._with_failover(model, served, route, attempt)
+            return self._once(model, served, pinned, route, attempt, deadline, gate=False)
+        return self._with_failover(model, served, route, attempt, deadline)
 
 
     async def _with_failover(self, requested: str, served: Served, route: Any,
-                             attempt: Attempt[T]) -> T:
+                             attempt: Attempt[T], deadline: float) -> T:
         router = self.router
         settings = router.settings
-        # A bare scope, not fail_after: that adds a generator context manager per open stream.
-        with trio.CancelScope(deadline=trio.current_time() + settings.request_timeout) as scope:
-            models = [route] + [router.check_model(name) for name in route.fallbacks]
-            last_error: GatewayError | None = None
-            index = 0
-            while index < len(models):
-                group = models[index]
-                # Deployment names; lists, not sets: a few names at most, and these live as long
-                # as a stream does (an empty set is 216 bytes).
-                excluded: list[str] = []
-                tried: list[str] = []
-                retries = 0
-                while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
-                    tried.append(state.name)
-                    served.fallback = index > 0
-                    try:
-                        return await self._once(requested, served, state, group, attempt)
-                    except GatewayError as error:
-                        if served.committed:
+        # No cancel scope here: the deadline goes to every wait (admission, backoff, the attempt's
+        # upstream timer), so this frame holds none for as long as a stream lasts.
+        models = [route] + [router.check_model(name) for name in route.fallbacks]
+        last_error: GatewayError | None = None
+        index = 0
+        while index < len(models):
+            group = models[index]
+            # Deployment names; lists, not sets: a few names at most, and these live as long
+            # as a stream does (an empty set is 216 bytes).
+            excluded: list[str] = []
+            tried: list[str] = []
+            retries = 0
+            while (state := router.choose(group, trio.current_time(), excluded=excluded, tried=tried)) is not None:
+                tried.append(state.name)
+                served.fallback = index > 0
+                try:
+                    return await self._once(requested, served, state, group, attempt, deadline)
+                except GatewayError as error:
+                    if served.committed or isinstance(error, RequestTimeout):
+                        raise
+                    last_error = error
+                    action = classify(error)
+                    if action is Action.FATAL:
+                        raise
+                    if action is Action.CONTEXT:
+                        if not group.context_window_fallback:
                             raise
-                        last_error = error
-                        action = classify(error)
-                        if action is Action.FATAL:
-                            raise
-                        if action is Action.CONTEXT:
-                            if not group.context_window_fallback:
-                                raise
-                            models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
-                            break
-                        if action in (Action.UNUSABLE, Action.SKIP):
-                            excluded.append(state.name)
-                            continue
-                        if retries >= settings.retries:
-                            break  # this model's retries are spent: its fallbacks next
-                        wait = retry_after_seconds(error)
-                        if wait is not None and wait > settings.retry_after_max:
-                            state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
-                            excluded.append(state.name)
-                            continue
-                        retries += 1
-                        if action is Action.RETRY:
-                            await trio.sleep(wait if wait is not None else
-                                             backoff(retries - 1, settings.backoff_initial, settings.backoff_max,
-                                                     router.rng))
-                index += 1
-            if last_error is not None:
-                raise last_error
-            wait, cooling_only = router.unavailable_for(models, trio.current_time())
-            # The model the client asked for, not the route's glob: "gpt-4o", not "*".
-            raise NoHealthyDeployment(f"no deployment of model '{clip(requested)}' (or its fallbacks) is available: "
-                                      + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
-                                      retry_after=wait, rate_limited=cooling_only)
-        assert scope.cancelled_caught
-        raise UpstreamTimeout(f"request_timeout of {settings.request_timeout} s exceeded "
+                        models[index + 1:index + 1] = [router.check_model(group.context_window_fallback)]
+                        break
+                    if action in (Action.UNUSABLE, Action.SKIP):
+                        excluded.append(state.name)
+                        continue
+                    if retries >= settings.retries:
+                        break  # this model's retries are spent: its fallbacks next
+                    wait = retry_after_seconds(error)
+                    if wait is not None and wait > settings.retry_after_max:
+                        state.breaker.cool(trio.current_time(), wait)  # fail over instead of waiting
+                        excluded.append(state.name)
+                        continue
+                    retries += 1
+                    if action is Action.RETRY:
+                        if wait is None:
+                            wait = backoff(retries - 1, settings.backoff_initial, settings.backoff_max, router.rng)
+                        await trio.sleep_until(min(trio.current_time() + wait, deadline))
+                        if trio.current_time() >= deadline:
+                            raise self._timed_out(served) from None
+            index += 1
+        if last_error is not None:
+            raise last_error
+        wait, cooling_only = router.unavailable_for(models, trio.current_time())
+        # The model the client asked for, not the route's glob: "gpt-4o", not "*".
+        raise NoHealthyDeployment(f"no deployment of model '{clip(requested)}' (or its fallbacks) is available: "
+                                  + ("rate limited by the provider" if cooling_only else "circuit breakers open"),
+                                  retry_after=wait, rate_limited=cooling_only)
+
+    def _timed_out(self, served: Served) -> RequestTimeout:
+        return RequestTimeout(f"request_timeout of {self.router.settings.request_timeout} s exceeded "
                               f"after {served.attempts} attempts")
 
 
     async def _once(self, requested: str, served: Served, state: DeploymentState,
-                    route: Any, attempt: Attempt[T], *, gate: bool = True, track: bool = True) -> T:
+                    route: Any, attempt: Attempt[T], deadline: float, *, gate: bool = True,
+                    track: bool = True) -> T:
         """One attempt on one deployment, with admission control and breaker bookkeeping.
 
         gate: the breaker may refuse (half-open admits one probe); track: outcomes feed the breaker.
+        The request's own deadline running out is no verdict on the deployment (RequestTimeout).
         """
         router = self.router
         model = state.deployment.model or requested
         served.attempts += 1
         served.provider, served.model, served.deployment = state.deployment.provider, model, state.name
         started = waited_from = time.perf_counter()
-        if state.limiter is None:
-            await router.admit(state)
-        else:  # admission control: how long the wait was is a metric (gateway_queue_wait_seconds)
-            try:
-                await router.admit(state)
-            finally:
+        try:
+            await router.admit(state, deadline)
+        except RequestTimeout:
+            raise self._timed_out(served) from None
+        finally:
+            if state.limiter is not None:  # how long the wait was is a metric (gateway_queue_wait_seconds)
                 served.queue_wait = (served.queue_wait or 0.0) + time.perf_counter() - waited_from
         state.requests += 1
         if gate and not state.breaker.acquire(trio.current_time()):
@@ -229,13 +244,19 @@ class Failover:
             raise NoHealthyDeployment(f"deployment {state.name} is not available (circuit open)")
         outcome = False
         try:
-            result = await attempt(state, model, router.ttft_timeout(route, state.deployment))
+            result = await attempt(state, model, router.ttft_timeout(route, state.deployment), deadline)
             outcome = True
             served.tried.append((state.name, "ok", started, time.perf_counter()))
             state.successes += 1
             if track:
                 state.breaker.success(trio.current_time())
             return result
+        except RequestTimeout:
+            outcome = True
+            served.tried.append((state.name, RequestTimeout.code, started, time.perf_counter()))
+            if track:
+                state.breaker.release()
+            raise self._timed_out(served) from None
         except GatewayError as error:
             outcome = True
             served.tried.append((state.name, error.code or error.type, started, time.perf_counter()))

@@ -18,6 +18,7 @@ The retry loop that drives this lives in `proxy/routing/failover.py`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import trio
 from proxy.routing.breaker import Breaker, BreakerSettings
 from proxy.config import Config, Deployment, ModelRoute
 from proxy.core.errors import InvalidRequest, ModelNotFound, clip
-from proxy.core.errors import Saturated
+from proxy.core.errors import RequestTimeout, Saturated
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -151,15 +152,18 @@ class Router:
                              f"(x-gateway-deployment); it has: {', '.join(d.name for d in route.deployments)}",
                              param="x-gateway-deployment")
 
-    async def admit(self, state: DeploymentState) -> None:
-        """Take a slot of the deployment's max_concurrency, waiting at most queue_timeout."""
+    async def admit(self, state: DeploymentState, deadline: float = math.inf) -> None:
+        """Take a slot of the deployment's max_concurrency, waiting at most queue_timeout and never
+        past `deadline` (the request's own: then RequestTimeout)."""
         if state.limiter is None:
             state.in_flight += 1
             return
-        with trio.move_on_after(self.settings.queue_timeout):
+        with trio.CancelScope(deadline=min(trio.current_time() + self.settings.queue_timeout, deadline)):
             await state.limiter.acquire()
             state.in_flight += 1
             return
+        if trio.current_time() >= deadline:
+            raise RequestTimeout(f"request_timeout ran out waiting for deployment {state.name}")
         raise Saturated(f"deployment {state.name} is at its max_concurrency "
                         f"({state.deployment.max_concurrency}); retry shortly")
 

@@ -13,7 +13,8 @@ Rules, each from a measured failure (see PLATFORM-NOTES):
   `first_byte_timeout` runs from sending the request until the first output (a stream's first
   token, `Body.first_output()`; a plain answer's first body bytes), `read_timeout` bounds every
   later gap between reads (the time a stream waits for its client does not count). The TTFT
-  deadline of the router (`ttft_timeout`), when earlier, shares the same scope.
+  deadline of the router (`ttft_timeout`), when earlier, shares the same scope, and so does the
+  request's whole-time deadline (the failover's `request_timeout`: RequestTimeout).
 - Bounded: a plain answer larger than `max_response_bytes` is a 502, never buffered whole; an
   error body is read up to MAX_ERROR_BODY; compressed bodies are inflated step by step with a
   bound per step (the transport), so the caps above count decoded bytes.
@@ -28,7 +29,7 @@ import httpx
 import trio
 
 from proxy.config import ProviderConfig
-from proxy.core.errors import FirstTokenTimeout, Saturated, UpstreamError, UpstreamTimeout
+from proxy.core.errors import FirstTokenTimeout, RequestTimeout, Saturated, UpstreamError, UpstreamTimeout
 from proxy.formats import ProviderAdapter, WireRequest
 from proxy.transport.pool import ResponseStream, SocketPoolTransport
 
@@ -64,19 +65,22 @@ class _Slot:
         self._name = name
         self._queue_timeout = queue_timeout
 
-    async def __aenter__(self) -> None:
+    async def acquire(self, deadline: float) -> None:
+        """A slot, waiting at most `queue_timeout` and never past `deadline` (the request's)."""
         try:
             self._limiter.acquire_nowait()
             return
         except trio.WouldBlock:
             pass
-        with trio.move_on_after(self._queue_timeout):  # full: wait (outside the handler), bounded
-            await self._limiter.acquire()
+        with trio.CancelScope(deadline=min(trio.current_time() + self._queue_timeout, deadline)):
+            await self._limiter.acquire()  # full: wait (outside the handler), bounded
             return
+        if trio.current_time() >= deadline:
+            raise RequestTimeout(f"request_timeout ran out waiting for provider {self._name}")
         raise Saturated(f"provider {self._name} is at its max_concurrency ({self._limiter.total_tokens}); "
                         "retry shortly")
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
         self._limiter.release()
 
 
@@ -117,30 +121,38 @@ class Upstream:
             raise _translate(e, adapter.name) from None
         raise adapter.parse_error(status, headers, body)
 
-    def stream(self, adapter: ProviderAdapter, wire: WireRequest, *,
-               ttft_deadline: float = math.inf) -> _Streaming:
+    def stream(self, adapter: ProviderAdapter, wire: WireRequest, *, ttft_deadline: float = math.inf,
+               deadline: float = math.inf) -> _Streaming:
         """Open a streaming response: `async with upstream.stream(...) as body`, a `Body`.
 
         Error statuses raise before anything is yielded, so the caller can still answer with a
         proper HTTP status. Leaving the block (normally or by cancellation) closes the socket
-        unless the body was read to its clean end (then it goes back to the pool).
+        unless the body was read to its clean end (then it goes back to the pool). `deadline`
+        is the request's whole time (the failover's request_timeout): past it, RequestTimeout.
         """
-        return _Streaming(self, adapter, wire, ttft_deadline)
+        return _Streaming(self, adapter, wire, ttft_deadline, deadline)
 
-    async def request(self, adapter: ProviderAdapter, wire: WireRequest) -> bytes:
+    async def request(self, adapter: ProviderAdapter, wire: WireRequest, *, deadline: float = math.inf) -> bytes:
         """A non-streaming call: the whole body, or the provider's error as a GatewayError."""
         config = self._configs[adapter.name]
-        async with self._slots[adapter.name]:
-            with trio.CancelScope(deadline=trio.current_time() + config.first_byte_timeout) as timer:
+        slot = self._slots[adapter.name]
+        await slot.acquire(deadline)
+        try:
+            first_byte = trio.current_time() + config.first_byte_timeout
+            with trio.CancelScope(deadline=min(first_byte, deadline)) as timer:
                 stream = await self._open(adapter, wire, config)
                 try:
-                    body = await _read_all(stream, timer, config, adapter.name)
+                    body = await _read_all(stream, timer, config, adapter.name, deadline)
                 except FOREIGN as e:
                     raise _translate(e, adapter.name) from None
                 finally:
                     await stream.aclose()
             if timer.cancelled_caught:
+                if timer.deadline >= deadline:
+                    raise RequestTimeout(f"request_timeout ran out waiting for provider {adapter.name}")
                 raise UpstreamTimeout(f"provider {adapter.name} timed out")
+        finally:
+            slot.release()
         return body
 
 
@@ -152,7 +164,7 @@ async def _read_capped(stream: ResponseStream, limit: int) -> bytes:
 
 
 async def _read_all(stream: ResponseStream, timer: trio.CancelScope, config: ProviderConfig,
-                    provider: str) -> bytes:
+                    provider: str, deadline: float) -> bytes:
     """The whole body under `max_response_bytes`; after the first bytes, `read_timeout` per gap."""
     body = bytearray()
     while part := await stream.read():
@@ -160,7 +172,7 @@ async def _read_all(stream: ResponseStream, timer: trio.CancelScope, config: Pro
         if len(body) > config.max_response_bytes:
             raise UpstreamError(f"provider {provider}: response larger than max_response_bytes "
                                 f"({config.max_response_bytes})")
-        timer.deadline = trio.current_time() + config.read_timeout
+        timer.deadline = min(trio.current_time() + config.read_timeout, deadline)
     return bytes(body)
 
 
@@ -171,22 +183,27 @@ class _Streaming:
     argument tuple (which kept the sent request's bytes) would live as long as the stream, ~1 KB
     per held stream. Enters and exits exactly as the nested blocks did:
         async with slot: with CancelScope(deadline=first) as timer: stream = open(); yield Body
+    The timer is the stream's only cancel scope: it carries the request's own deadline too
+    (`deadline`, the failover's request_timeout), so no caller holds a scope of its own for as
+    long as the stream lasts (~0.7 KB per held stream).
     """
 
-    __slots__ = ("_upstream", "_adapter", "_wire", "_ttft_deadline", "_first_byte", "_first", "_slot",
-                 "_timer", "_stream")
+    __slots__ = ("_upstream", "_adapter", "_wire", "_ttft_deadline", "_deadline", "_first_byte", "_first",
+                 "_slot", "_timer", "_stream")
 
-    def __init__(self, upstream: Upstream, adapter: ProviderAdapter, wire: WireRequest, ttft_deadline: float):
-        self._upstream, self._adapter, self._wire, self._ttft_deadline = upstream, adapter, wire, ttft_deadline
+    def __init__(self, upstream: Upstream, adapter: ProviderAdapter, wire: WireRequest, ttft_deadline: float,
+                 deadline: float):
+        self._upstream, self._adapter, self._wire = upstream, adapter, wire
+        self._ttft_deadline, self._deadline = ttft_deadline, deadline
 
     async def __aenter__(self) -> Body:
         upstream, adapter = self._upstream, self._adapter
         config = upstream._configs[adapter.name]
         self._first_byte = trio.current_time() + config.first_byte_timeout
-        self._first = min(self._first_byte, self._ttft_deadline)
+        self._first = min(self._first_byte, self._ttft_deadline, self._deadline)
         wire, self._wire = self._wire, None  # sent once: not kept for the stream's life
         slot = self._slot = upstream._slots[adapter.name]
-        await slot.__aenter__()
+        await slot.acquire(self._deadline)
         timer = self._timer = trio.CancelScope(deadline=self._first)
         timer.__enter__()
         try:
@@ -194,7 +211,7 @@ class _Streaming:
         except BaseException as exc:
             error = exc  # left outside the handler: a timeout raised below is not chained to it
         else:
-            return Body(self._stream, timer, config.read_timeout, adapter.name)
+            return Body(self._stream, timer, config.read_timeout, adapter.name, self._deadline)
         del wire
         try:
             await self._leave(error)  # raises the timeout when the timer caught the error
@@ -222,12 +239,14 @@ class _Streaming:
                 swallowed = timer.__exit__(type(exc), exc, exc.__traceback__)
             if timer.cancelled_caught:
                 name = self._adapter.name
+                if timer.deadline >= self._deadline:
+                    raise RequestTimeout(f"request_timeout ran out streaming from provider {name}")
                 if timer.deadline == self._first and self._ttft_deadline < self._first_byte:
                     raise FirstTokenTimeout(f"provider {name}: no first token within the ttft_timeout")
                 which = "first_byte_timeout" if timer.deadline == self._first else "read_timeout"
                 raise UpstreamTimeout(f"provider {name} timed out ({which})")
         finally:
-            await self._slot.__aexit__(None, None, None)
+            self._slot.release()
         return bool(swallowed)
 
 
@@ -236,31 +255,35 @@ class Body:
 
     Until `first_output()` every read runs under the first-output deadline (first_byte_timeout,
     or the router's TTFT deadline); after it, each read gets `read_timeout`, and the time between
-    reads (the stream waiting for its client) is not counted.
+    reads (the stream waiting for its client) is not counted. None of them runs past the
+    request's own deadline.
     """
 
-    __slots__ = ("_read", "_timer", "_read_timeout", "_provider", "_streaming")
+    __slots__ = ("_read", "_timer", "_read_timeout", "_provider", "_streaming", "_deadline")
 
-    def __init__(self, stream: ResponseStream, timer: trio.CancelScope, read_timeout: float, provider: str):
+    def __init__(self, stream: ResponseStream, timer: trio.CancelScope, read_timeout: float, provider: str,
+                 deadline: float):
         self._read = stream.read
         self._timer = timer
         self._read_timeout = read_timeout
         self._provider = provider
         self._streaming = False
+        self._deadline = deadline
 
     def first_output(self) -> None:
         """The first token went to the client: from now on, `read_timeout` per gap."""
         self._streaming = True
-        self._timer.deadline = math.inf
+        self._timer.deadline = self._deadline
 
     async def next(self) -> bytes:
         timer = self._timer
         try:
             if not self._streaming:
                 return await self._read()
-            timer.deadline = trio.current_time() + self._read_timeout
+            due = trio.current_time() + self._read_timeout
+            timer.deadline = due if due < self._deadline else self._deadline
             data = await self._read()
-            timer.deadline = math.inf
+            timer.deadline = self._deadline
             return data
         except FOREIGN as e:  # inline rather than a context manager: this is the per-token path
             raise _translate(e, self._provider) from None

@@ -444,11 +444,16 @@ def test_apply_refuses_other_hypercorn(monkeypatch):
 def test_apply_and_revert_restore_originals():
     from hypercorn.protocol.http_stream import HTTPStream
     from hypercorn.trio.tcp_server import TCPServer
-    originals = (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data)
+    from proxy.server.lean_lock import LeanLock
+    originals = (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data, TCPServer.__init__)
     hypercorn_fast.apply()
     assert HTTPStream.app_send is not originals[0] and TCPServer.protocol_send is not originals[1]
+    server = TCPServer(None, None, None, None, None)  # __init__ only keeps its arguments
+    assert type(server.send_lock) is LeanLock and type(server.idle_task._lock) is LeanLock
     hypercorn_fast.revert()
-    assert (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data) == originals
+    assert (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data, TCPServer.__init__) == originals
+    server = TCPServer(None, None, None, None, None)
+    assert type(server.send_lock) is trio.Lock and type(server.idle_task._lock) is trio.Lock
 
 
 @pytest.mark.parametrize("how", ["peer_reset", "local_closed", "eof_sent"])

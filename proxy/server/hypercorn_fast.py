@@ -32,6 +32,11 @@ What this patch changes (two methods):
    still becomes `protocol.handle(Closed())` (-> http.disconnect to the app, later sends succeed
    silently), like the stock `except (BrokenResourceError, ClosedResourceError)`.
 
+3. `TCPServer.__init__`: the connection's two locks (its send lock, its idle timer's) are
+   `LeanLock`s (proxy/server/lean_lock.py): trio.Lock's semantics, no parking lot until a task
+   has to wait (~0.4 KB of every held stream), no breaker bookkeeping per uncontended
+   acquire/release (the send path above takes the send lock once per event).
+
 The read side (`TCPServer._read_data`, with its request head and body deadlines and no
 `fail_after(inf)` per read) is `proxy/server/connections.py`.
 
@@ -51,14 +56,17 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol import http_stream as _hs
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server as _ts
+from hypercorn.trio.worker_context import TrioSingleTask
 from hypercorn.utils import suppress_body
 
 from proxy.server import hypercorn_version
+from proxy.server.lean_lock import LeanLock
 
 SUPPORTED = ("0.18.",)
 
 _original_app_send = _hs.HTTPStream.app_send
 _original_protocol_send = _ts.TCPServer.protocol_send
+_original_init = _ts.TCPServer.__init__
 
 _RESPONSE = _hs.ASGIHTTPState.RESPONSE
 _SEND_BODY = h11.SEND_BODY
@@ -119,17 +127,24 @@ async def _protocol_send(self: _ts.TCPServer, event) -> None:
         lock.release()
 
 
+def _init(self: _ts.TCPServer, *args, **kwargs) -> None:
+    _original_init(self, *args, **kwargs)
+    self.send_lock = LeanLock()
+    self.idle_task._lock = LeanLock()
+
 
 def _check_internals() -> None:
     if not hasattr(h11.Connection(h11.SERVER), "_writer"):
         raise RuntimeError("h11.Connection._writer missing")
     if _ts.MAX_RECV != 2**16:
         raise RuntimeError("hypercorn TCPServer changed")
+    if type(getattr(TrioSingleTask(), "_lock", None)) is not trio.Lock:
+        raise RuntimeError("hypercorn TrioSingleTask._lock missing")
 
 
-def apply(body: bool = True, write: bool = True) -> None:
-    """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send.
-    Both on by default (the parts are for measurement)."""
+def apply(body: bool = True, write: bool = True, locks: bool = True) -> None:
+    """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send;
+    locks: lean locks per connection. All on by default (the parts are for measurement)."""
     global _applied
     hypercorn_version.require(SUPPORTED, "hypercorn_fast", "protocol/http_stream.py app_send, "
                               "protocol/h11.py and trio/tcp_server.py protocol_send")
@@ -140,6 +155,8 @@ def apply(body: bool = True, write: bool = True) -> None:
         _hs.HTTPStream.app_send = _app_send
     if write:
         _ts.TCPServer.protocol_send = _protocol_send
+    if locks:
+        _ts.TCPServer.__init__ = _init
     _applied = True
 
 
@@ -147,6 +164,7 @@ def revert() -> None:
     global _applied
     _hs.HTTPStream.app_send = _original_app_send
     _ts.TCPServer.protocol_send = _original_protocol_send
+    _ts.TCPServer.__init__ = _original_init
     _applied = False
 
 

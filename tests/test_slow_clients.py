@@ -249,3 +249,34 @@ async def test_a_connection_whose_client_left_is_closed_at_once(start_gateway):
     with trio.fail_after(5):  # before the fix: each held until its 75 s keep-alive timer rang
         while gw_open(gw) > 0:
             await trio.sleep(0.01)
+
+
+async def test_tls_connections_are_counted_and_released_also_when_the_handshake_fails(start_gateway, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(certfile)
+    cert.private_key_pem.write_to_path(keyfile)
+    gw = await start_gateway(server={"certfile": str(certfile), "keyfile": str(keyfile)})
+    host, port = gw.url.removeprefix("https://").rsplit(":", 1)
+    garbage = await trio.open_tcp_stream(host, int(port))
+    await garbage.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # plain HTTP to a TLS port
+    with trio.fail_after(5):
+        assert await read_until_closed(garbage) == b""  # the handshake fails: closed, no answer
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    good = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), context, server_hostname="127.0.0.1",
+                          https_compatible=True)
+    await good.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    with trio.fail_after(5):
+        answer = b""
+        while data := await good.receive_some(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 200")
+    with trio.fail_after(5):
+        while gw_open(gw) > 0:
+            await trio.sleep(0.01)

@@ -169,6 +169,7 @@ class Gateway:
             body = await read_body(headers, receive, self.config.server.max_body_bytes) if route.body else b""
             relay = await handler(x, body, headers, receive, send)
             if relay is not None:
+                del body  # parsed by now: not kept for as long as the stream lasts
                 await relay
         except ClientGone:
             x.outcome = "client_disconnected"

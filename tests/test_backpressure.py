@@ -10,6 +10,7 @@ import socket
 import orjson
 import trio
 
+from proxy.server.connection_tasks import ConnectionTasks
 from .conftest import MASTER_KEY, chat_body
 
 BIG = 'fake: {"tokens": 100000, "token_bytes": 1000}'  # ~100 MB if nothing pushes back
@@ -109,8 +110,9 @@ async def test_client_disconnect_closes_the_upstream(start_gateway, fake):
 
 
 async def test_client_disconnect_while_a_stream_waits_for_its_first_token(start_gateway, fake):
-    """A held stream has no watchdog task (the hosted watchdog, proxy/server/alarms.py): the
-    client leaving reaches it from the app queue and releases the provider all the same."""
+    """A held stream has no watchdog task (the hosted watchdog, proxy/server/alarms.py) and no
+    nursery (proxy/server/connection_tasks.py): the client leaving reaches it from the app queue
+    and releases the provider all the same."""
     gw = await start_gateway()
     client = await open_client(gw.url, rcvbuf=None)
     await client.send_all(raw_request(chat_body('fake: {"ttft": 60}', stream=True)))
@@ -119,7 +121,8 @@ async def test_client_disconnect_while_a_stream_waits_for_its_first_token(start_
         while not len(gw.gateway.streams):
             await trio.sleep(0.01)
     relay = next(iter(gw.gateway.streams))
-    assert relay._nursery is not None and not relay._nursery.child_tasks  # no watchdog, no writer
+    # No watchdog, no writer, no nursery of its own: its tasks would run in the connection's.
+    assert type(relay._nursery) is ConnectionTasks and relay._nursery.running == 0
     await client.aclose()
     with trio.fail_after(5):
         await record.closed.wait()

@@ -16,7 +16,7 @@ the app's `receive`; no closing, no clones, no statistics):
 
 apply() replaces `hypercorn.trio.task_group.TaskGroup.spawn_app` (HTTP/1.1, h2 and websocket
 streams alike) and refuses any hypercorn other than 0.18.x. `queue_of(receive)`: the queue behind
-an app's `receive`, if it is one of these.
+an app's `receive`, if it is one of these; its `nursery`, the connection's.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _original_spawn_app = _tg.TaskGroup.spawn_app
 
 
 class AppQueue:
-    __slots__ = ("_items", "_size", "_receivers", "_senders", "_watcher")
+    __slots__ = ("_items", "_size", "_receivers", "_senders", "_watcher", "nursery")
 
     def __init__(self, size: int):
         if size < 1:
@@ -47,6 +47,9 @@ class AppQueue:
         self._receivers: list[trio.lowlevel.Task] | None = None  # made by the first wait
         self._senders: ParkingLot | None = None  # made when a sender first finds the queue full
         self._watcher: Callable[[Any], None] | None = None
+        # The connection's nursery (hypercorn's TaskGroup: the app's task runs in it), where a
+        # relay served from this queue starts its tasks (pump.ConnectionTasks).
+        self.nursery: trio.Nursery | None = None
 
     def watch(self, watcher: Callable[[Any], None] | None) -> None:
         """Hand every item to `watcher(item)` as it comes, in the sender's task, instead of
@@ -103,6 +106,7 @@ def queue_of(receive: Any) -> AppQueue | None:
 
 async def _spawn_app(self: _tg.TaskGroup, app, config, scope, send):
     queue = AppQueue(config.max_app_queue_size)
+    queue.nursery = self._nursery
     self._nursery.start_soon(_tg._handle, app, config, scope, queue.receive, send,
                              trio.to_thread.run_sync, trio.from_thread.run)
     return queue.send

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import trio
 
-from proxy.core.errors import GatewayError, NoHealthyDeployment, RequestTimeout, UpstreamTimeout, clip
+from proxy.core.errors import GatewayError, NoHealthyDeployment, RequestTimeout, clip
 from proxy.core.events import Chunk
 from proxy.core.request import ChatRequest
 from proxy.formats import ProviderAdapter

@@ -257,6 +257,7 @@ async def _read_data(self: _ts.TCPServer) -> None:
                 if scope.cancelled_caught:
                     await _too_slow(rules, proto, state)
                     break
+                del scope  # not kept while a streaming response's read waits
         except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError, OSError):
             break  # OSError: a reset, from the socket itself (SocketStream made it BrokenResourceError)
         if state is _SEND_BODY:

@@ -77,48 +77,14 @@ class Failover:
     def stream(self, request: ChatRequest, emit: Emit, served: Served) -> Awaitable[None]:
         """Stream the answer as canonical chunks into `emit`; raise GatewayError on failure.
         Returns the failover loop's coroutine to await (no frame of its own for the stream's life)."""
-
-        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> None:
-            adapter = self.adapters[state.deployment.provider]
-            # The TTFT deadline covers connecting, the response headers and the wait for the first
-            # token — and nothing after. It shares the upstream's one timer (no scope of our own),
-            # as the request's own deadline does.
-            # The wire request is no local of this frame: the upstream drops it once sent, and it
-            # is not kept (body bytes, headers) for as long as the stream lasts.
-            async with self.upstream.stream(adapter, adapter.chat_request(request, model),
-                                            ttft_deadline=trio.current_time() + ttft if ttft else math.inf,
-                                            deadline=deadline) as body:
-                parser = adapter.stream_parser(self.max_event_bytes, request)
-                held: list[Chunk] = []
-                ended = False
-                while not ended and not any(chunk.visible for chunk in held):
-                    data = await body.next()
-                    ended = not data
-                    held += parser.close() if ended else parser.feed(data)
-                    del data  # parsed: not kept while the next read waits (a held stream's whole wait)
-                    if parser.failed is not None:
-                        raise parser.failed
-                served.committed = True  # chunks are held back until here: failover stays invisible
-                body.first_output()
-                if held:
-                    await emit(held)
-                del held
-                data = b"" if ended else b"-"
-                while data:
-                    data = await body.next()
-                    chunks = parser.feed(data) if data else parser.close()
-                    if chunks:
-                        await emit(chunks)
-                    if parser.failed is not None:
-                        raise parser.failed
-
-        return self.run(request.model, served, attempt)
+        return self.run(request.model, served, _StreamAttempt(self, request, emit, served))
 
 
     async def complete(self, request: ChatRequest, served: Served) -> dict[str, Any]:
         """The whole answer as a canonical (OpenAI chat.completion) dict; raise GatewayError on failure."""
 
-        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> dict[str, Any]:
+        async def attempt(state: DeploymentState, model: str, ttft: float | None,
+                          deadline: float) -> dict[str, Any]:
             adapter = self.adapters[state.deployment.provider]
             raw = await self.upstream.request(adapter, adapter.chat_request(request, model), deadline=deadline)
             return adapter.parse_completion(raw, request)
@@ -129,7 +95,8 @@ class Failover:
     async def embeddings(self, body: dict[str, Any], served: Served) -> dict[str, Any]:
         """An embeddings request (already validated) in OpenAI's list shape."""
 
-        async def attempt(state: DeploymentState, model: str, ttft: float | None, deadline: float) -> dict[str, Any]:
+        async def attempt(state: DeploymentState, model: str, ttft: float | None,
+                          deadline: float) -> dict[str, Any]:
             adapter = self.adapters[state.deployment.provider]
             wire = adapter.embeddings_request(body, model)  # 400 for a kind without embeddings
             return adapter.parse_embeddings(await self.upstream.request(adapter, wire, deadline=deadline))
@@ -275,3 +242,49 @@ class Failover:
                 if track:
                     state.breaker.release()  # cancelled (client left): no verdict on the deployment
             router.release(state)
+
+
+class _StreamAttempt:
+    """`Failover.stream`'s attempt: one try on one deployment, its chunks into `emit`. An object with
+    slots rather than a closure, whose function, cells and closure tuple would live as long as
+    the stream (~0.5 KB of every held stream)."""
+
+    __slots__ = ("_failover", "_request", "_emit", "_served")
+
+    def __init__(self, failover: Failover, request: ChatRequest, emit: Emit, served: Served):
+        self._failover, self._request, self._emit, self._served = failover, request, emit, served
+
+    async def __call__(self, state: DeploymentState, model: str, ttft: float | None, deadline: float) -> None:
+        failover, request, emit = self._failover, self._request, self._emit
+        adapter = failover.adapters[state.deployment.provider]
+        # The TTFT deadline covers connecting, the response headers and the wait for the first
+        # token — and nothing after. It shares the upstream's one timer (no scope of our own),
+        # as the request's own deadline does.
+        # The wire request is no local of this frame: the upstream drops it once sent, and it
+        # is not kept (body bytes, headers) for as long as the stream lasts.
+        async with failover.upstream.stream(adapter, adapter.chat_request(request, model),
+                                            ttft_deadline=trio.current_time() + ttft if ttft else math.inf,
+                                            deadline=deadline) as body:
+            parser = adapter.stream_parser(failover.max_event_bytes, request)
+            held: list[Chunk] = []
+            ended = False
+            while not ended and not any(chunk.visible for chunk in held):
+                data = await body.next()
+                ended = not data
+                held += parser.close() if ended else parser.feed(data)
+                del data  # parsed: not kept while the next read waits (a held stream's whole wait)
+                if parser.failed is not None:
+                    raise parser.failed
+            self._served.committed = True  # chunks are held back until here: failover stays invisible
+            body.first_output()
+            if held:
+                await emit(held)
+            del held
+            data = b"" if ended else b"-"
+            while data:
+                data = await body.next()
+                chunks = parser.feed(data) if data else parser.close()
+                if chunks:
+                    await emit(chunks)
+                if parser.failed is not None:
+                    raise parser.failed

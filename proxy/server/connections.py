@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from math import inf
 
 import h11
@@ -219,10 +218,8 @@ async def _read_data(self: _ts.TCPServer) -> None:
         return await _original_read_data(self)
     stream = self.stream
     # Plain TCP: read the socket in one frame (`sockets.receive`; what every held stream waits in).
-    if type(stream) is trio.SocketStream:
-        receive, size = partial(sockets.receive, stream.socket), _ts.MAX_RECV
-    else:
-        receive, size = stream.receive_some, _ts.MAX_RECV
+    sock = stream.socket if type(stream) is trio.SocketStream else None
+    size = _ts.MAX_RECV
     # Per-request clocks, keyed by the connection's request count so that a request which came
     # in one read (and was answered before the next read) does not leave a stale clock behind.
     head_began: float | None = trio.current_time()  # a new connection: its first head is due
@@ -250,10 +247,10 @@ async def _read_data(self: _ts.TCPServer) -> None:
                 deadline = body_began + rules.body_timeout + body_bytes / rules.min_body_rate
         try:
             if deadline == inf:
-                data = await receive(size)
+                data = await (sockets.receive(sock, size) if sock is not None else stream.receive_some(size))
             else:
                 with trio.CancelScope(deadline=deadline) as scope:
-                    data = await receive(size)
+                    data = await (sockets.receive(sock, size) if sock is not None else stream.receive_some(size))
                 if scope.cancelled_caught:
                     await _too_slow(rules, proto, state)
                     break

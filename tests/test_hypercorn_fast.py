@@ -444,7 +444,7 @@ def test_apply_refuses_other_hypercorn(monkeypatch):
 def test_apply_and_revert_restore_originals():
     from hypercorn.protocol.http_stream import HTTPStream
     from hypercorn.trio.tcp_server import TCPServer
-    from proxy.server.lean_lock import LeanLock
+    from proxy.server.lean_sync import LeanEvent, LeanLock
     originals = (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data, TCPServer.__init__)
     hypercorn_fast.apply()
     assert HTTPStream.app_send is not originals[0] and TCPServer.protocol_send is not originals[1]
@@ -454,6 +454,11 @@ def test_apply_and_revert_restore_originals():
     assert (HTTPStream.app_send, TCPServer.protocol_send, TCPServer._read_data, TCPServer.__init__) == originals
     server = TCPServer(None, None, None, None, None)
     assert type(server.send_lock) is trio.Lock and type(server.idle_task._lock) is trio.Lock
+    from hypercorn.trio.worker_context import EventWrapper, WorkerContext
+    assert WorkerContext.event_class is EventWrapper
+    hypercorn_fast.apply()
+    assert type(WorkerContext(None).terminated) is LeanEvent  # and every H11Protocol's can_read
+    hypercorn_fast.revert()
 
 
 @pytest.mark.parametrize("how", ["peer_reset", "local_closed", "eof_sent"])

@@ -33,9 +33,13 @@ What this patch changes (two methods):
    silently), like the stock `except (BrokenResourceError, ClosedResourceError)`.
 
 3. `TCPServer.__init__`: the connection's two locks (its send lock, its idle timer's) are
-   `LeanLock`s (proxy/server/lean_lock.py): trio.Lock's semantics, no parking lot until a task
+   `LeanLock`s (proxy/server/lean_sync.py): trio.Lock's semantics, no parking lot until a task
    has to wait (~0.4 KB of every held stream), no breaker bookkeeping per uncontended
    acquire/release (the send path above takes the send lock once per event).
+
+4. `WorkerContext.event_class` (the trio worker's): `LeanEvent`, hypercorn's EventWrapper without
+   a trio.Event until a task waits: H11Protocol's `can_read` per connection, an h2 stream
+   buffer's two events per HTTP/2 stream (~0.35 KB each).
 
 The read side (`TCPServer._read_data`, with its request head and body deadlines and no
 `fail_after(inf)` per read) is `proxy/server/connections.py`.
@@ -56,17 +60,19 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol import http_stream as _hs
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server as _ts
+from hypercorn.trio import worker_context as _wc
 from hypercorn.trio.worker_context import TrioSingleTask
 from hypercorn.utils import suppress_body
 
 from proxy.server import hypercorn_version
-from proxy.server.lean_lock import LeanLock
+from proxy.server.lean_sync import LeanEvent, LeanLock
 
 SUPPORTED = ("0.18.",)
 
 _original_app_send = _hs.HTTPStream.app_send
 _original_protocol_send = _ts.TCPServer.protocol_send
 _original_init = _ts.TCPServer.__init__
+_original_event_class = _wc.WorkerContext.event_class
 
 _RESPONSE = _hs.ASGIHTTPState.RESPONSE
 _SEND_BODY = h11.SEND_BODY
@@ -140,11 +146,14 @@ def _check_internals() -> None:
         raise RuntimeError("hypercorn TCPServer changed")
     if type(getattr(TrioSingleTask(), "_lock", None)) is not trio.Lock:
         raise RuntimeError("hypercorn TrioSingleTask._lock missing")
+    if _original_event_class is not _wc.EventWrapper:
+        raise RuntimeError("hypercorn trio WorkerContext.event_class changed")
 
 
 def apply(body: bool = True, write: bool = True, locks: bool = True) -> None:
     """body: fast chunk framing in HTTPStream.app_send; write: fast TCPServer.protocol_send;
-    locks: lean locks per connection. All on by default (the parts are for measurement)."""
+    locks: lean locks and events per connection and stream. All on by default (the parts are
+    for measurement)."""
     global _applied
     hypercorn_version.require(SUPPORTED, "hypercorn_fast", "protocol/http_stream.py app_send, "
                               "protocol/h11.py and trio/tcp_server.py protocol_send")
@@ -157,6 +166,7 @@ def apply(body: bool = True, write: bool = True, locks: bool = True) -> None:
         _ts.TCPServer.protocol_send = _protocol_send
     if locks:
         _ts.TCPServer.__init__ = _init
+        _wc.WorkerContext.event_class = LeanEvent
     _applied = True
 
 
@@ -165,6 +175,7 @@ def revert() -> None:
     _hs.HTTPStream.app_send = _original_app_send
     _ts.TCPServer.protocol_send = _original_protocol_send
     _ts.TCPServer.__init__ = _original_init
+    _wc.WorkerContext.event_class = _original_event_class
     _applied = False
 
 

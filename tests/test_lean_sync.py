@@ -1,5 +1,5 @@
-"""LeanLock keeps trio.Lock's rules (each test runs against both) and holds no parking lot while
-nobody waits."""
+"""LeanLock keeps trio.Lock's rules and LeanEvent hypercorn's EventWrapper's (each test runs
+against both), and neither holds its trio parts while nobody waits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.server.lean_lock import LeanLock
+from proxy.server.lean_sync import LeanEvent, LeanLock
 
 
 @pytest.fixture(params=[trio.Lock, LeanLock], ids=["trio.Lock", "LeanLock"])
@@ -144,3 +144,54 @@ async def test_an_uncontended_lean_lock_holds_no_parking_lot():
         async with lock:
             assert lock._lot is None
     assert lock._lot is None
+
+
+# -- LeanEvent: hypercorn's trio EventWrapper, run against both --
+
+@pytest.fixture(params=["EventWrapper", "LeanEvent"])
+def make_event(request):
+    from hypercorn.trio.worker_context import EventWrapper
+    return EventWrapper if request.param == "EventWrapper" else LeanEvent
+
+
+async def test_an_event_wakes_every_waiter_and_a_set_event_does_not_block(make_event, autojump_clock):
+    event = make_event()
+    woken = []
+
+    async def waiter(name: str) -> None:
+        await event.wait()
+        woken.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "a")
+        nursery.start_soon(waiter, "b")
+        await trio.sleep(1.0)
+        assert not event.is_set() and woken == []
+        await event.set()
+    assert sorted(woken) == [("a", 1.0), ("b", 1.0)] and event.is_set()
+    with trio.testing.assert_checkpoints():
+        await event.wait()  # set: returns at once, still a checkpoint
+
+
+async def test_clear_starts_a_new_event(make_event, autojump_clock):
+    event = make_event()
+    await event.set()
+    await event.clear()
+    assert not event.is_set()
+    with trio.move_on_after(1.0) as scope:
+        await event.wait()
+    assert scope.cancelled_caught  # cleared: waits again
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(event.wait)
+        await trio.sleep(0.5)
+        await event.set()
+    assert trio.current_time() == 1.5
+
+
+async def test_a_lean_event_nobody_waited_on_holds_no_trio_event():
+    event = LeanEvent()
+    await event.set()
+    await event.clear()
+    await event.set()
+    await event.wait()
+    assert event._event is None

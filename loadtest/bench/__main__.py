@@ -9,9 +9,12 @@
     python -m loadtest.bench --targets floor-trio,floor-hypercorn,gateway,portkey --scenarios h
     python -m loadtest.bench --render             # redraw tables and chart from bench/results.json
     python -m loadtest.bench --targets floor-hypercorn,gateway --scenarios b --held 2000 --held-http2 2000,10000
+    python -m loadtest.bench --targets gateway-w2 --scenarios b --held 2000,10000
 
 Targets: fake (the provider direct: the TTFT floor), floor-trio and floor-hypercorn (bare relays:
-the CPU and memory floors, see floor_trio.py / floor_hypercorn.py), gateway, litellm, portkey.
+the CPU and memory floors, see floor_trio.py / floor_hypercorn.py), gateway, litellm, portkey;
+also gateway-wN, the gateway with `--workers N` (e.g. b at 10,000 HTTP/1.1 streams, which one
+process cannot hold here: two descriptors per stream against a hard limit of 20,000).
 Scenarios a-h as in bench.md (g: target CPU µs per relayed token; h: overload fairness, new
 streams' TTFT while old streams overload the target). One fake provider process
 serves all targets; each target is started, measured and stopped in turn, the load generator runs
@@ -94,7 +97,8 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
     work = scratch_dir()
     notes, commands = results["notes"], results["commands"]
     fds = child_fd_limit()
-    if "b" in chosen and 2 * max(sizes.held_streams) + 200 > fds:
+    single = [x for x in args.targets.split(",") if not x.startswith("gateway-w")]
+    if "b" in chosen and single and 2 * max(sizes.held_streams) + 200 > fds:
         notes.append(f"targets may open {fds:,} files (a hard limit this machine does not let us raise): "
                      f"a relay holding {max(sizes.held_streams):,} streams needs two sockets per stream, "
                      f"so its last few connections fail with EMFILE (counted as errors in b)")
@@ -165,6 +169,8 @@ async def _start(name: str, provider: Running, work: Path, cache: Path, notes: l
             target = start_floor(work, upstream, name)
         elif name == "gateway":
             target = start_gateway(work, upstream)
+        elif name.startswith("gateway-w") and name.removeprefix("gateway-w").isdigit():
+            target = start_gateway(work, upstream, int(name.removeprefix("gateway-w")))
         elif name == "litellm":
             if not peers.litellm_installed(cache):
                 notes.append("LiteLLM skipped: not installed (run with --install-peers)")

@@ -63,8 +63,8 @@ from proxy.core.sse import encode_comment
 from proxy.formats.chat_api import openai_error_event
 from proxy.server.alarms import Alarms
 from proxy.server.app_queue import AppQueue, queue_of
-from proxy.server.connection_tasks import ConnectionTasks
 from proxy.server.asgi import Receive, Send
+from proxy.server.connection_tasks import ConnectionTasks
 
 log = logging.getLogger("proxy.server.pump")
 
@@ -378,7 +378,8 @@ class Relay:
         self._nursery.start_soon(self._write_all, receive_channel, self._nursery.cancel_scope)
         return send_channel
 
-    async def _write_all(self, channel: trio.MemoryReceiveChannel, relay: trio.CancelScope | ConnectionTasks) -> None:
+    async def _write_all(self, channel: trio.MemoryReceiveChannel,
+                         relay: trio.CancelScope | ConnectionTasks) -> None:
         if self._aside is not None:
             await self._aside.wait()  # the watchdog's keep-alive write goes out first (_write_aside)
         await self._write(channel)

@@ -189,6 +189,8 @@ class Gateway:
         finally:
             self._leave()
             self.policies.settle(x)
+            if x.error is not None:  # its traceback holds this frame, which holds x: a cycle
+                x.error.__traceback__ = None
 
     def is_master_key(self, token: bytes) -> bool:
         """Whether `token` is the master key (constant time); False when none is set."""

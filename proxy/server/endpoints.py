@@ -133,18 +133,24 @@ class _StreamJob:
     async def produce(self, outlet: Outlet) -> None:
         x, request = self._x, self._request
         self._put = outlet.put  # the first item may go out from this task at once (pump.Outlet)
-        if x.answer is not None:
-            await x.answer.stream(self.emit)
-        else:
-            try:
-                await self._endpoint._failover.stream(request, self.emit, x.served)
-            except GatewayError:
-                if x.stale is None or x.served.committed:
-                    raise
-                x.cache, x.answer = "stale", x.stale  # nothing was sent yet: the expired entry serves
-                await x.stale.stream(self.emit)
-        if out := self._encoder.finish():
-            await self._put(out)
+        try:
+            if x.answer is not None:
+                await x.answer.stream(self.emit)
+            else:
+                try:
+                    await self._endpoint._failover.stream(request, self.emit, x.served)
+                except GatewayError:
+                    if x.stale is None or x.served.committed:
+                        raise
+                    x.cache, x.answer = "stale", x.stale  # nothing was sent yet: the expired entry serves
+                    await x.stale.stream(self.emit)
+            if out := self._encoder.finish():
+                await self._put(out)
+        finally:
+            # The outlet leads back to the relay, which holds this job (headers, done): a cycle
+            # that only the cyclic GC would free, taking every finished stream's objects with it
+            # (2.5x the collections, 70 ms pauses under load: bench.md). Refcounting frees it now.
+            self._put = None
 
     async def emit(self, chunks: list[Chunk]) -> None:
         # One channel item per upstream read: the events of one read travel together.

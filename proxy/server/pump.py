@@ -117,6 +117,11 @@ class Outlet:
         if self._channel is not None:
             await self._channel.aclose()
 
+    def release(self) -> None:
+        """The relay is done: drop what leads back to it and to this outlet (a cycle otherwise)."""
+        self._relay = None
+        self.send = self.send_nowait = None
+
     async def _send_starting(self, item: bytes | Finish) -> None:
         self._start_writer()
         await self._channel.send(item)
@@ -254,6 +259,13 @@ class Relay:
             self._nursery = None
             for end in self._ended:  # the open streams' bookkeeping, the log line (streams.py)
                 end(self)
+            # No reference cycle may outlive the stream: the cyclic GC would have to find every
+            # finished stream's objects (more collections, long pauses under load). The outlet
+            # holds bound methods of itself until its writer starts; the failure's traceback
+            # holds the frames that hold it (and this relay).
+            outlet.release()
+            if self.failure is not None:
+                self.failure.__traceback__ = None
         if self.state is StreamState.FAILED and not self._headers_sent:
             raise self.failure
 

@@ -447,3 +447,37 @@ async def test_async_client_end_to_end(nursery):
             lines = [line async for line in streamed.aiter_lines() if line]
         assert lines == ["data: 0", "data: 1", "data: 2"]
     assert transport.connections_opened == 1
+
+
+async def test_tls_upstream_keep_alive_and_a_streamed_body(nursery):
+    """The TLS path of the pool's reads (an SSLStream: its own receive_some, not the one-frame
+    socket receive)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    events = b"".join(b"%x\r\ndata: %d\n\n\r\n" % (len(b"data: %d\n\n" % i), i) for i in range(3))
+
+    async def handler(stream: trio.SSLStream) -> None:
+        buf = b""
+        for _ in range(2):
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(65536)
+            _, _, buf = buf.partition(b"\r\n\r\n")
+            await stream.send_all(CHUNK_HEAD + events + b"0\r\n\r\n")
+
+    listeners = await nursery.start(functools.partial(trio.serve_ssl_over_tcp, handler, 0, server_context,
+                                                      host="127.0.0.1"))
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    transport = SocketPoolTransport(ssl_context=client_context)
+    async with httpx.AsyncClient(transport=transport, base_url=f"https://127.0.0.1:{port}") as client:
+        for _ in range(2):
+            async with client.stream("GET", "/v1/chat") as streamed:
+                lines = [line async for line in streamed.aiter_lines() if line]
+            assert lines == ["data: 0", "data: 1", "data: 2"]
+    assert transport.connections_opened == 1

@@ -217,8 +217,6 @@ async def _read_data(self: _ts.TCPServer) -> None:
     if rules is None or self.config.read_timeout:
         return await _original_read_data(self)
     stream = self.stream
-    # Plain TCP: read the socket in one frame (`sockets.receive`; what every held stream waits in).
-    sock = stream.socket if type(stream) is trio.SocketStream else None
     size = _ts.MAX_RECV
     # Per-request clocks, keyed by the connection's request count so that a request which came
     # in one read (and was answered before the next read) does not leave a stale clock behind.
@@ -246,11 +244,13 @@ async def _read_data(self: _ts.TCPServer) -> None:
                     body_began, body_of, body_bytes = trio.current_time(), served, 0
                 deadline = body_began + rules.body_timeout + body_bytes / rules.min_body_rate
         try:
+            # Plain TCP reads the socket in one frame (sockets.receive_some: what every held
+            # stream waits in).
             if deadline == inf:
-                data = await (sockets.receive(sock, size) if sock is not None else stream.receive_some(size))
+                data = await sockets.receive_some(stream, size)
             else:
                 with trio.CancelScope(deadline=deadline) as scope:
-                    data = await (sockets.receive(sock, size) if sock is not None else stream.receive_some(size))
+                    data = await sockets.receive_some(stream, size)
                 if scope.cancelled_caught:
                     await _too_slow(rules, proto, state)
                     break

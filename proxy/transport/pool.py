@@ -49,20 +49,17 @@ _KEEP_ALIVE_HEAD, _CLOSE_HEAD = Head(200, {}, True), Head(200, {}, False)  # sta
 
 
 class _Connection:
-    __slots__ = ("stream", "socket", "plain", "idle_since")
+    __slots__ = ("stream", "socket", "idle_since")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType):
         self.stream, self.socket = stream, socket
-        self.plain = isinstance(stream, trio.SocketStream)
         self.idle_since = 0.0
 
     def receive(self, max_bytes: int) -> Awaitable[bytes]:
-        """The next bytes (b"" at EOF). Plain TCP: the socket itself, in one frame (`sockets.receive`:
-        what a held stream waits in). Not a coroutine of its own, nor a stored partial: neither
-        would be kept for as long as a stream waits."""
-        if self.plain:
-            return sockets.receive(self.socket, max_bytes)
-        return self.stream.receive_some(max_bytes)
+        """The next bytes (b"" at EOF): plain TCP in one frame (`sockets.receive_some`: what a held
+        stream waits in). Not a coroutine of its own, nor a stored partial: neither would be kept
+        for as long as a stream waits."""
+        return sockets.receive_some(self.stream, max_bytes)
 
     def close(self) -> None:
         self.socket.close()  # synchronous; wakes any task blocked on it with ClosedResourceError

@@ -17,6 +17,7 @@ the kernel's `OSError`. POSIX: `read(2)` on a stream socket is `recv(2)` without
 from __future__ import annotations
 
 import os
+from typing import Awaitable
 
 import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, wait_readable
@@ -45,3 +46,12 @@ async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
             return os.read(fd, max_bytes)
         except BlockingIOError:
             pass
+
+
+def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> Awaitable[bytes]:
+    """`stream.receive_some(max_bytes)`, in one frame (`receive`) when it is a plain TCP stream.
+    Not a coroutine of its own: it returns the receive to await, so no frame of this function is
+    kept while a stream waits."""
+    if type(stream) is trio.SocketStream:
+        return receive(stream.socket, max_bytes)
+    return stream.receive_some(max_bytes)
